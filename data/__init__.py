@@ -1,0 +1,1 @@
+"""Click-log data: schema and id policy, Parquet streaming, batches, generators."""

@@ -1,0 +1,88 @@
+"""The unit of work that flows from the reader to the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+@dataclass
+class Batch:
+    """One mini-batch of B samples.
+
+    dense:   float32 [B, num_dense]
+    sparse:  KeyedJaggedTensor with one key per feature, batch size B
+    labels:  float32 [B, num_labels], columns in `data.label_columns` order
+    weights: float32 [B]; 0 marks padding rows that must not count in loss or metrics
+    slot/position: which reader slot produced the batch and how many of that slot's rows
+        were consumed after it (the data cursor the checkpoint saves)
+    id_stats: int64 [num_features, 3] negative/out_of_range/null counts for this batch
+    """
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    slot: int = -1
+    position: int = 0
+    id_stats: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+    null_dense: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.dense.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            sparse=self.sparse.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            weights=self.weights.to(device, non_blocking=non_blocking),
+            slot=self.slot,
+            position=self.position,
+            id_stats=self.id_stats,
+            null_dense=self.null_dense,
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        # TrainPipelineSparseDist copies batches on a side stream; tell the allocator.
+        self.dense.record_stream(stream)
+        self.sparse.record_stream(stream)
+        self.labels.record_stream(stream)
+        self.weights.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            dense=self.dense.pin_memory(),
+            sparse=self.sparse.pin(),
+            labels=self.labels.pin_memory(),
+            weights=self.weights.pin_memory(),
+            slot=self.slot,
+            position=self.position,
+            id_stats=self.id_stats,
+            null_dense=self.null_dense,
+        )
+
+
+def padding_batch(num_dense: int, keys: list[str], num_labels: int, weighted: bool) -> Batch:
+    """A one-row batch with weight 0.
+
+    Sharded lookups are collectives: every rank must run every step. A rank whose data ran out
+    first feeds this so the others can finish; weight 0 keeps it out of loss and metrics.
+    """
+    n = len(keys)
+    return Batch(
+        dense=torch.zeros(1, num_dense),
+        sparse=KeyedJaggedTensor(
+            keys=keys,
+            values=torch.zeros(0, dtype=torch.int64),
+            lengths=torch.zeros(n, dtype=torch.int32),
+            weights=torch.zeros(0) if weighted else None,
+        ),
+        labels=torch.zeros(1, num_labels),
+        weights=torch.zeros(1),
+        id_stats=np.zeros((n, 3), dtype=np.int64),
+    )

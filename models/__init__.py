@@ -1,0 +1,13 @@
+"""Recommendation models. Every module in this package that calls `register` is a model:
+adding one is a new file here plus a TOML in configs/, with no trainer edit."""
+
+import importlib
+import pkgutil
+
+from models.registry import MODELS, RecModel, Task, build_model, register
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in ("registry", "arches"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["MODELS", "RecModel", "Task", "build_model", "register"]
