@@ -225,7 +225,8 @@ class Trainer:
         w = self._window.reduce(self.ctx.device)
         if not self.ctx.is_main:
             return
-        lrs = {f"lr/{i}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        lrs = {f"lr/{name or 'embedding'}": opt.param_groups[0]["lr"]
+               for name, opt in self.optimizer.optimizers if opt.param_groups}
         values = {"loss": w["loss"], "samples_per_sec": w["samples_per_sec"], "lr_factor": self.schedule.factor(step - 1)}
         self.logger.scalars(step, {**values, **lrs}, "train")
         self.logger.scalars(step, w["counters"], "data")

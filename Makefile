@@ -1,0 +1,20 @@
+# One command each: `make demo` installs and runs the demo; `make test` installs and runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test test-gpu bench clean
+
+install:
+	./scripts/install.sh
+
+demo: install
+	$(VENV)/bin/rectrain demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,301 @@
+"""trainer/config.py: loading the shipped TOMLs, `--set` overrides and validation errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, RunConfig, TableSharding, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+
+
+def _write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+MINIMAL = """
+[data]
+dense_columns = ["d0"]
+sparse_columns = ["a", "b"]
+
+[model]
+embedding_dim = 8
+dense_arch = [8]
+over_arch = [4]
+
+[[model.tables]]
+name = "ta"
+features = ["a"]
+num_embeddings = 10
+
+[[model.tables]]
+name = "tb"
+features = ["b"]
+num_embeddings = 20
+embedding_dim = 4
+"""
+
+
+# --------------------------------------------------------------------------- shipped configs
+
+
+def test_synth_config_loads():
+    cfg = load_config(CONFIGS / "dlrm_synth.toml")
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.sparse_columns == [f"cat_{i}" for i in range(26)]
+    assert cfg.data.dense_columns == [f"dense_{i}" for i in range(13)]
+    assert len(cfg.model.tables) == 26
+    assert cfg.model.feature_names == [f"cat_{i}" for i in range(26)]
+    assert all(t.embedding_dim == cfg.model.embedding_dim == 16 for t in cfg.model.tables)
+    assert cfg.sharding.default_type == "table_wise"
+    assert cfg.sharding.type_for("t_cat_2") == "column_wise"
+    assert cfg.sharding.type_for("t_cat_8") == "data_parallel"
+    assert cfg.sharding.type_for("t_cat_0") == "table_wise"  # falls back to default_type
+    assert cfg.optimizer.decay == "cosine"
+    assert cfg.optimizer.min_lr_ratio == pytest.approx(0.1)
+    assert isinstance(cfg.optimizer.grad_clip_norm, float)
+    assert cfg.checkpoint_dir == Path("runs/demo") / "checkpoints"
+    assert cfg.log_dir == Path("runs/demo") / "tb"
+
+
+def test_debug_config_loads():
+    cfg = load_config(CONFIGS / "dlrm_debug.toml")
+    assert cfg.data.sparse_columns == ["cat_0", "cat_1", "cat_5", "cat_23"]
+    assert [t.name for t in cfg.model.tables] == ["t_cat_0", "t_cat_1", "t_cat_5", "t_cat_23"]
+    assert [t.num_embeddings for t in cfg.model.tables] == [1460, 583, 24, 2860]
+    # label_columns is not in the file: the dataclass default applies
+    assert cfg.data.label_columns == ["label"]
+    assert cfg.model.embedding_dim == 8
+    assert all(t.embedding_dim == 8 for t in cfg.model.tables)
+    assert cfg.train.device == "cpu"
+    assert cfg.data.num_workers == 0
+
+
+def test_criteo_config_loads():
+    cfg = load_config(CONFIGS / "dlrm_criteo.toml")
+    assert len(cfg.model.tables) == 26
+    assert len({t.name for t in cfg.model.tables}) == 26
+    assert cfg.model.embedding_dim == 128
+    assert all(t.embedding_dim == 128 for t in cfg.model.tables)
+    assert cfg.model.dense_arch[-1] == 128
+    sizes = {t.name: t.num_embeddings for t in cfg.model.tables}
+    assert sizes["t_cat_0"] == 45833188
+    assert sizes["t_cat_5"] == 3
+    assert cfg.sharding.hbm_cap_gb == pytest.approx(70.0)
+    assert cfg.sharding.type_for("t_cat_19") == "row_wise"
+    assert cfg.sharding.type_for("t_cat_1") == ""  # left to the planner
+    assert cfg.data.batch_size == 16384
+
+
+def test_to_dict_roundtrip_has_every_section():
+    cfg = load_config(CONFIGS / "dlrm_debug.toml")
+    d = cfg.to_dict()
+    assert set(d) == {"data", "model", "sharding", "optimizer", "train", "eval", "checkpoint", "logging"}
+    assert d["model"]["tables"][3]["features"] == ["cat_23"]
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_overrides_take_effect_with_right_types():
+    cfg = load_config(
+        CONFIGS / "dlrm_synth.toml",
+        ["train.epochs=3", "sharding.tables.t_cat_0.type=column_wise", 'data.train_path="x"',
+         "optimizer.dense_lr=1", "logging.tensorboard=false", "model.dense_arch=[32, 16]"],
+    )
+    assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+    assert isinstance(cfg.sharding.tables["t_cat_0"], TableSharding)
+    assert cfg.sharding.tables["t_cat_0"].type == "column_wise"
+    assert cfg.sharding.type_for("t_cat_0") == "column_wise"
+    # entries from the file are kept next to the new one
+    assert cfg.sharding.tables["t_cat_2"].type == "column_wise"
+    assert cfg.data.train_path == "x"
+    # an int literal for a float field becomes a float
+    assert cfg.optimizer.dense_lr == 1.0 and type(cfg.optimizer.dense_lr) is float
+    assert cfg.logging.tensorboard is False
+    assert cfg.model.dense_arch == [32, 16]
+
+
+def test_override_bare_word_is_a_string():
+    cfg = load_config(CONFIGS / "dlrm_debug.toml", ["data.id_policy=hash", "train.run_dir=runs/x"])
+    assert cfg.data.id_policy == "hash"
+    assert cfg.train.run_dir == "runs/x"
+    assert cfg.checkpoint_dir == Path("runs/x/checkpoints")
+
+
+def test_override_without_equals_is_config_error():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(CONFIGS / "dlrm_debug.toml", ["train.epochs"])
+
+
+def test_override_without_file():
+    cfg = load_config(None, ["data.sparse_columns=[\"a\"]", "model.tables=[{name=\"t\", features=[\"a\"], num_embeddings=5}]"])
+    assert cfg.model.tables[0].embedding_dim == cfg.model.embedding_dim == 16
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epoch=2", "train.epoch"),
+        ("data.batchsize=2", "data.batchsize"),
+        ("nosuchsection.x=1", "nosuchsection"),
+    ],
+)
+def test_unknown_key_names_dotted_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "dlrm_debug.toml", [override])
+    assert f"'{key}'" in str(e.value)
+    assert "unknown key" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ('train.epochs="two"', "train.epochs"),
+        ("train.epochs=two", "train.epochs"),
+        ("train.epochs=true", "train.epochs"),  # bools are not ints
+        ("optimizer.dense_lr=fast", "optimizer.dense_lr"),
+        ("data.dense_columns=3", "data.dense_columns"),
+        ("data.batch_size=1.5", "data.batch_size"),
+    ],
+)
+def test_wrong_type_names_dotted_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "dlrm_debug.toml", [override])
+    assert f"'{key}'" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, key, choice",
+    [
+        ("data.id_policy=foo", "data.id_policy", "modulo"),
+        ("optimizer.decay=exp", "optimizer.decay", "cosine"),
+        ("sharding.default_type=diagonal", "sharding.default_type", "row_wise"),
+        ("sharding.tables.t_cat_0.type=diagonal", "sharding.tables.t_cat_0.type", "column_wise"),
+        ("train.device=tpu", "train.device", "cuda"),
+    ],
+)
+def test_bad_enum_names_key_and_choices(override, key, choice):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "dlrm_debug.toml", [override])
+    msg = str(e.value)
+    assert f"'{key}'" in msg
+    assert choice in msg  # lists the valid values
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batch_size=0", "data.batch_size"),
+        ("train.epochs=0", "train.epochs"),
+        ("optimizer.min_lr_ratio=1.5", "optimizer.min_lr_ratio"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("model.embedding_dim=0", "model.embedding_dim"),
+    ],
+)
+def test_out_of_range_values(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "dlrm_debug.toml", [override])
+    assert f"'{key}'" in str(e.value)
+
+
+def test_data_parallel_with_non_dense_kernel_rejected():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "dlrm_debug.toml",
+                    ["sharding.tables.t_cat_0.type=data_parallel", "sharding.tables.t_cat_0.kernel=fused"])
+    assert "'sharding.tables.t_cat_0.kernel'" in str(e.value)
+
+
+def test_feature_not_in_sparse_columns(tmp_path):
+    p = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ['data.sparse_columns=["a"]'])
+    msg = str(e.value)
+    assert "'model.tables[1].features'" in msg
+    assert "'b'" in msg
+    assert "data.sparse_columns" in msg
+    assert str(p) in msg  # errors from a file name the file
+
+
+def test_sharding_entry_for_unknown_table(tmp_path):
+    p = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["sharding.tables.t_nope.type=row_wise"])
+    msg = str(e.value)
+    assert "'sharding.tables.t_nope'" in msg
+    assert "ta" in msg and "tb" in msg
+
+
+def test_duplicate_table_names(tmp_path):
+    text = MINIMAL.replace('name = "tb"', 'name = "ta"')
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "'model.tables'" in msg
+    assert "['ta']" in msg
+
+
+def test_feature_mapped_to_two_tables(tmp_path):
+    text = MINIMAL.replace('features = ["b"]', 'features = ["a"]')
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"'model.tables'.*\['a'\]"):
+        load_config(p)
+
+
+def test_column_in_two_roles(tmp_path):
+    p = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"'data'.*\['a'\]"):
+        load_config(p, ['data.dense_columns=["a"]'])
+
+
+def test_table_field_error_names_index(tmp_path):
+    p = _write(tmp_path, MINIMAL)
+    bad = MINIMAL.replace("num_embeddings = 20", "num_embeddings = 0")
+    p.write_text(bad)
+    with pytest.raises(ConfigError, match=r"'model.tables\[1\].num_embeddings'"):
+        load_config(p)
+    p.write_text(MINIMAL.replace('embedding_dim = 4', 'pooling = "max"'))
+    with pytest.raises(ConfigError, match=r"'model.tables\[1\].pooling'"):
+        load_config(p)
+    p.write_text(MINIMAL.replace('embedding_dim = 4', 'embeding_dim = 4'))
+    with pytest.raises(ConfigError, match=r"'model.tables\[1\].embeding_dim'"):
+        load_config(p)
+
+
+def test_weight_column_for_unknown_feature(tmp_path):
+    p = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"'data.weight_columns.zz'"):
+        load_config(p, ['data.weight_columns.zz="w"'])
+    cfg = load_config(p, ['data.weight_columns.a="wa"'])
+    assert cfg.data.weight_columns == {"a": "wa"}
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as e:
+        load_config(missing)
+    assert str(missing) in str(e.value)
+    assert "does not exist" in str(e.value)
+
+
+def test_invalid_toml(tmp_path):
+    p = _write(tmp_path, "[data\nx = 1\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(p)
+
+
+def test_embedding_dim_zero_inherits_model_dim(tmp_path):
+    p = _write(tmp_path, MINIMAL)
+    cfg = load_config(p)
+    assert [t.embedding_dim for t in cfg.model.tables] == [8, 4]  # ta: 0 -> 8; tb keeps 4
+    cfg = load_config(p, ["model.embedding_dim=32"])
+    assert [t.embedding_dim for t in cfg.model.tables] == [32, 4]
