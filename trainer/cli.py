@@ -145,7 +145,12 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from trainer.logger import setup_console
+
     args = build_parser().parse_args(argv)
+    setup_console(int(os.environ.get("RANK", "0")))
     handlers = {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "demo": cmd_demo}
     from data.schema import DataError
 

@@ -28,7 +28,9 @@ def _base(synth_data, run_dir, **extra):
 def trained_two_ranks(synth_data, tmp_path_factory):
     """One epoch over 60k rows on 2 ranks with table-wise, column-wise and data-parallel tables."""
     run = tmp_path_factory.mktemp("two_ranks")
-    run_rectrain(["train", "--config", str(SYNTH_CONFIG), *_base(synth_data, run, checkpoint__every_steps=0)], nproc=2)
+    proc = run_rectrain(["train", "--config", str(SYNTH_CONFIG), *_base(synth_data, run, checkpoint__every_steps=0)],
+                        nproc=2)
+    (run / "train_result.json").write_text(proc.stdout.strip().splitlines()[-1])
     return run
 
 
@@ -36,6 +38,8 @@ def test_two_rank_training_reaches_auc(trained_two_ranks):
     final = json.loads((trained_two_ranks / "eval_final.json").read_text())
     assert final["auc"] >= 0.70
     assert final["num_samples"] == 8_000  # every eval row exactly once across the 2 ranks
+    result = json.loads((trained_two_ranks / "train_result.json").read_text())
+    assert result["samples_trained"] == 60_000  # every train row exactly once, none dropped
     assert 0.0 < final["ne"] < 1.0
     assert 0.8 < final["calibration"] < 1.25
     train = [r for r in read_jsonl(trained_two_ranks / "metrics.jsonl") if r["prefix"] == "train"]

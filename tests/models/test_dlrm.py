@@ -1,0 +1,340 @@
+"""models/: DLRM built unsharded on CPU, its arches, the registry and RecModel.loss."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+import models
+from data.batch import padding_batch
+from models.arches import MLP, DotInteraction, SparseArch
+from models.registry import MODELS, ModelInputs, RecModel, Task, build_model, register
+from trainer.config import ModelConfig, TableConfig
+
+FEATURES = ["f_a", "f_b", "f_c"]
+SIZES = {"f_a": 11, "f_b": 7, "f_c": 5}
+E = 4
+D = 3
+
+
+def _model_cfg(**kw) -> ModelConfig:
+    tables = [TableConfig(name=f"t_{f}", features=[f], num_embeddings=SIZES[f]) for f in FEATURES]
+    args = dict(name="dlrm", embedding_dim=E, tables=tables, dense_arch=[8, E], over_arch=[6])
+    args.update(kw)
+    return ModelConfig(**args)
+
+
+def _materialize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Allocate the meta parameters on CPU (as DistributedModelParallel does: buffers that are
+    already real, like DotInteraction's indices, are kept) and initialize them."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.reset_parameters()
+        if isinstance(m, EmbeddingBagCollection):
+            for p in m.parameters():
+                nn.init.uniform_(p, -0.5, 0.5)
+    assert not any(p.is_meta for p in model.parameters())
+    return model
+
+
+def _build(labels=("label",), weighted=False, **cfg_kw):
+    model = build_model(_model_cfg(**cfg_kw), ModelInputs(num_dense=D, label_names=tuple(labels), weighted=weighted))
+    return _materialize(model)
+
+
+def _kjt(per_feature: dict[str, list[list[int]]], keys=FEATURES, weights: bool = False) -> KeyedJaggedTensor:
+    values, lengths = [], []
+    for k in keys:
+        for bag in per_feature[k]:
+            values += bag
+            lengths.append(len(bag))
+    return KeyedJaggedTensor(
+        keys=list(keys),
+        values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int32),
+        weights=torch.rand(len(values)) if weights else None,
+    )
+
+
+BAGS = {
+    "f_a": [[1], [2, 3], [], [10]],
+    "f_b": [[0], [6], [1, 1], [2]],
+    "f_c": [[4, 0], [], [3], [3]],
+}
+
+
+# --------------------------------------------------------------------------- build and forward
+
+
+def test_registry_has_dlrm_and_builds_on_meta():
+    assert "dlrm" in MODELS and models.MODELS is MODELS
+    model = build_model(_model_cfg(), ModelInputs(num_dense=D, label_names=("label",)))
+    assert all(p.is_meta for p in model.parameters())
+    assert [t.name for t in model.tasks] == ["label"]
+
+
+@pytest.mark.parametrize("labels", [("label",), ("click", "buy")])
+def test_forward_shape(labels):
+    model = _build(labels=labels)
+    out = model(torch.randn(4, D), _kjt(BAGS))
+    assert out.shape == (4, len(labels))
+    assert torch.isfinite(out).all()
+    assert [t.label_index for t in model.tasks] == list(range(len(labels)))
+    assert [t.name for t in model.tasks] == list(labels)
+    # over arch input is E + F(F+1)/2 with F = 3 features
+    first = model.over_arch[0]
+    assert first.in_features == E + 3 * 4 // 2
+    # last layer is linear (no ReLU): outputs can be negative
+    assert isinstance(model.over_arch[-1], nn.Linear)
+    assert model.over_arch[-1].out_features == len(labels)
+
+
+def test_forward_accepts_padding_batch():
+    model = _build()
+    pad = padding_batch(D, FEATURES, 1, weighted=False)
+    out = model(pad.dense, pad.sparse)
+    assert out.shape == (1, 1)
+    assert model.loss(out, pad.labels, pad.weights).item() == 0.0
+
+
+def test_kjt_key_order_does_not_matter():
+    model = _build()
+    dense = torch.randn(4, D)
+    a = model(dense, _kjt(BAGS))
+    b = model(dense, _kjt(BAGS, keys=list(reversed(FEATURES))))
+    torch.testing.assert_close(a, b)
+
+
+def test_weighted_model_uses_id_weights():
+    model = _build(weighted=True)
+    dense = torch.randn(4, D)
+    kjt = _kjt(BAGS, weights=True)
+    out = model(dense, kjt)
+    assert out.shape == (4, 1)
+    doubled = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=kjt.weights() * 2)
+    assert not torch.allclose(out, model(dense, doubled))
+
+
+def test_table_dim_mismatch_raises():
+    cfg = _model_cfg()
+    cfg.tables[1].embedding_dim = 8
+    with pytest.raises(ValueError, match=r"model\.tables\[1\]\.embedding_dim"):
+        build_model(cfg, ModelInputs(num_dense=D, label_names=("label",)))
+
+
+def test_dense_arch_last_must_equal_embedding_dim():
+    with pytest.raises(ValueError, match=r"'model\.dense_arch'.*\(8\).*\(4\)"):
+        build_model(_model_cfg(dense_arch=[16, 8]), ModelInputs(num_dense=D, label_names=("label",)))
+
+
+def test_no_dense_columns_raises():
+    with pytest.raises(ValueError, match="data.dense_columns"):
+        build_model(_model_cfg(), ModelInputs(num_dense=0, label_names=("label",)))
+
+
+def test_registry_rejects_unknown_name():
+    with pytest.raises(ValueError) as e:
+        build_model(_model_cfg(name="wide_and_deep"), ModelInputs(num_dense=D, label_names=("label",)))
+    msg = str(e.value)
+    assert "model.name" in msg and "'wide_and_deep'" in msg
+    assert "dlrm" in msg  # lists what is registered
+
+
+def test_register_twice_raises():
+    with pytest.raises(ValueError, match="registered twice"):
+        register("dlrm")(lambda cfg, inputs: None)
+    assert "dlrm" in MODELS
+
+
+def test_register_new_model_is_buildable():
+    class Tiny(RecModel):
+        def __init__(self):
+            super().__init__()
+            self.tasks = [Task("label", 0)]
+
+    try:
+        register("tiny_for_test")(lambda cfg, inputs: Tiny())
+        m = build_model(_model_cfg(name="tiny_for_test"), ModelInputs(num_dense=1, label_names=("label",)))
+        assert isinstance(m, Tiny)
+    finally:
+        MODELS.pop("tiny_for_test", None)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def test_backward_grads_reach_mlps_and_only_looked_up_rows():
+    model = _build()
+    dense = torch.randn(4, D)
+    labels = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    out = model(dense, _kjt(BAGS))
+    loss = model.loss(out, labels, torch.ones(4))
+    loss.backward()
+    for mlp in (model.dense_arch, model.over_arch):
+        for layer in mlp:
+            if isinstance(layer, nn.Linear):
+                assert layer.weight.grad is not None
+                assert torch.isfinite(layer.weight.grad).all()
+                assert layer.weight.grad.abs().sum() > 0
+    bags = model.sparse_arch.embedding_bag_collection.embedding_bags
+    for f in FEATURES:
+        grad = bags[f"t_{f}"].weight.grad
+        assert grad is not None and torch.isfinite(grad).all()
+        used = sorted({i for bag in BAGS[f] for i in bag})
+        unused = [i for i in range(SIZES[f]) if i not in used]
+        assert (grad[used].abs().sum(dim=1) > 0).all(), f
+        assert (grad[unused] == 0).all(), f
+
+
+# --------------------------------------------------------------------------- arches
+
+
+@pytest.mark.parametrize("num_sparse", [1, 3, 26])
+def test_dot_interaction_output_dim(num_sparse):
+    dim = 5
+    inter = DotInteraction(num_sparse)
+    out = inter(torch.randn(2, dim), torch.randn(2, num_sparse, dim))
+    expected = dim + num_sparse * (num_sparse + 1) // 2
+    assert DotInteraction.output_dim(num_sparse, dim) == expected
+    assert out.shape == (2, expected)
+
+
+def test_dot_interaction_values_are_pairwise_dots():
+    B, Fn, dim = 3, 4, 5
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(B, dim, generator=g, dtype=torch.float64)
+    sparse = torch.randn(B, Fn, dim, generator=g, dtype=torch.float64)
+    out = DotInteraction(Fn)(dense, sparse)
+    vectors = [dense] + [sparse[:, k] for k in range(Fn)]
+    expected = [dense]
+    for i, j in itertools.combinations(range(Fn + 1), 2):  # (0,1), (0,2), ..., (F-1,F)
+        expected.append((vectors[i] * vectors[j]).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(out, torch.cat(expected, dim=1))
+
+
+def test_mlp_layers():
+    mlp = MLP(3, [5, 2])
+    assert [type(m) for m in mlp] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU]
+    mlp = MLP(3, [5, 2], last_linear=True)
+    assert [type(m) for m in mlp] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (3, 5, 2)
+
+
+def _cpu_ebc(pooling: PoolingType = PoolingType.SUM) -> EmbeddingBagCollection:
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=E, num_embeddings=SIZES[f], feature_names=[f], pooling=pooling)
+        for f in FEATURES
+    ]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+    torch.manual_seed(1)
+    for p in ebc.parameters():
+        nn.init.uniform_(p, -1.0, 1.0)
+    return ebc
+
+
+def test_sparse_arch_pools_by_name_and_follows_feature_order():
+    ebc = _cpu_ebc()
+    kjt = _kjt(BAGS)
+    base = SparseArch(ebc, FEATURES)(kjt)
+    assert base.shape == (4, 3, E)
+    # explicit sum pooling from the weights
+    with torch.no_grad():
+        for k, f in enumerate(FEATURES):
+            w = ebc.embedding_bags[f"t_{f}"].weight
+            for b, bag in enumerate(BAGS[f]):
+                want = w[bag].sum(dim=0) if bag else torch.zeros(E)
+                torch.testing.assert_close(base[b, k], want)
+    for perm in itertools.permutations(range(3)):
+        names = [FEATURES[i] for i in perm]
+        out = SparseArch(ebc, names)(kjt)
+        for k, i in enumerate(perm):
+            torch.testing.assert_close(out[:, k], base[:, i])
+
+
+def test_sparse_arch_mean_pooling():
+    ebc = _cpu_ebc(PoolingType.MEAN)
+    out = SparseArch(ebc, FEATURES)(_kjt(BAGS))
+    w = ebc.embedding_bags["t_f_c"].weight.detach()
+    torch.testing.assert_close(out[0, 2], (w[4] + w[0]) / 2)
+    torch.testing.assert_close(out[1, 2], torch.zeros(E))  # empty bag
+
+
+# --------------------------------------------------------------------------- loss
+
+
+class _Heads(RecModel):
+    def __init__(self, tasks):
+        super().__init__()
+        self.tasks = tasks
+
+
+def _bce(logit: float, y: float) -> float:
+    p = 1.0 / (1.0 + np.exp(-logit))
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def test_loss_is_weighted_mean_bce():
+    m = _Heads([Task("label", 0)])
+    logits = torch.tensor([[0.3], [-1.2], [2.0]], dtype=torch.float64)
+    labels = torch.tensor([[1.0], [0.0], [0.0]], dtype=torch.float64)
+    got = m.loss(logits, labels, torch.ones(3, dtype=torch.float64)).item()
+    want = np.mean([_bce(0.3, 1), _bce(-1.2, 0), _bce(2.0, 0)])
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_loss_ignores_weight_zero_rows():
+    m = _Heads([Task("click", 0), Task("buy", 1)])
+    g = torch.Generator().manual_seed(3)
+    real_out = torch.randn(5, 2, generator=g)
+    real_y = torch.randint(0, 2, (5, 2), generator=g).float()
+    pad_out = torch.randn(3, 2, generator=g) * 10
+    pad_y = torch.ones(3, 2)
+    real = m.loss(real_out, real_y, torch.ones(5))
+    padded = m.loss(torch.cat([real_out, pad_out]), torch.cat([real_y, pad_y]),
+                    torch.cat([torch.ones(5), torch.zeros(3)]))
+    torch.testing.assert_close(padded, real)
+    # summed over tasks, each a mean over the real rows
+    want = sum(np.mean([_bce(real_out[i, t].item(), real_y[i, t].item()) for i in range(5)]) for t in range(2))
+    assert real.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_loss_all_padding_is_zero_and_label_index_respected():
+    m = _Heads([Task("b", 1)])
+    out = torch.tensor([[0.5], [-0.5]])
+    labels = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert m.loss(out, labels, torch.zeros(2)).item() == 0.0
+    want = (_bce(0.5, 1.0) + _bce(-0.5, 0.0)) / 2
+    assert m.loss(out, labels, torch.ones(2)).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_regression_task_mse_and_predictions():
+    m = _Heads([Task("p", 0, kind="binary"), Task("v", 1, kind="regression")])
+    out = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    labels = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    loss = m.loss(out, labels, torch.tensor([1.0, 1.0])).item()
+    want = (_bce(0.0, 1.0) + _bce(1.0, 0.0)) / 2 + ((2 - 1) ** 2 + (-1 - 1) ** 2) / 2
+    assert loss == pytest.approx(want, rel=1e-5)
+    pred = m.predictions(out)
+    torch.testing.assert_close(pred, torch.tensor([[0.5, 2.0], [1 / (1 + np.exp(-1.0)), -1.0]], dtype=torch.float32))
+
+
+def test_loss_gradient_zero_on_padding_rows():
+    m = _Heads([Task("label", 0)])
+    out = torch.randn(4, 1, requires_grad=True)
+    m.loss(out, torch.ones(4, 1), torch.tensor([1.0, 1.0, 0.0, 0.0])).backward()
+    assert (out.grad[2:] == 0).all()
+    assert (out.grad[:2] != 0).all()
+    expected = (torch.sigmoid(out.detach()[:2]) - 1.0) / 2  # d/dx mean BCE over 2 rows
+    torch.testing.assert_close(out.grad[:2], expected)
