@@ -364,8 +364,8 @@ class ParquetStream(IterableDataset):
             try:
                 batch = table_to_batch(table, self.schema, self.uri)
             except DataError as e:
-                where = self.describe_position(slot) if slot in self.positions else {}
-                raise DataError(f"{e} [slot {slot} from row {position}; file {where.get('file', '?')}]") from None
+                where = self.describe_position(slot)
+                raise DataError(f"{e} [slot {slot} from row {position}; file {where['file']}]") from None
             position += table.num_rows
             self.positions[slot] = position
             batch.slot, batch.position = slot, position

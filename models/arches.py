@@ -45,10 +45,7 @@ class DotInteraction(nn.Module):
 
     def __init__(self, num_sparse: int) -> None:
         super().__init__()
-        n = num_sparse + 1
-        rows, cols = torch.triu_indices(n, n, offset=1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
+        self.num_vectors = num_sparse + 1
 
     @staticmethod
     def output_dim(num_sparse: int, dim: int) -> int:
@@ -57,4 +54,6 @@ class DotInteraction(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         stacked = torch.cat([dense.unsqueeze(1), sparse], dim=1)  # [B, F+1, E]
         gram = torch.bmm(stacked, stacked.transpose(1, 2))  # [B, F+1, F+1]
-        return torch.cat([dense, gram[:, self.rows, self.cols]], dim=1)
+        # Indices built per call (tiny) rather than kept as buffers, which `to_empty` would wipe.
+        rows, cols = torch.triu_indices(self.num_vectors, self.num_vectors, offset=1, device=gram.device)
+        return torch.cat([dense, gram[:, rows, cols]], dim=1)

@@ -393,3 +393,20 @@ def test_null_label_in_stream_raises(tmp_path):
     s = _stream(str(tmp_path))
     with pytest.raises(DataError, match="'label'"):
         list(s)
+
+
+def test_bad_ids_in_later_file_name_file_and_column(tmp_path):
+    pq.write_table(_rows(0, 4), tmp_path / "a.parquet")
+    bad = _rows(4, 8)
+    bad = bad.set_column(bad.schema.get_field_index("s"), "s", pa.array([4, 5, 60, 7], pa.int64()))
+    pq.write_table(bad, tmp_path / "b.parquet")
+    strict = Schema(SCHEMA.label_columns, SCHEMA.dense_columns, SCHEMA.features, id_policy="strict")
+    stream = ParquetStream(str(tmp_path), strict, batch_size=2)
+    it = iter(stream)
+    assert [_ids(next(it)) for _ in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(DataError) as e:
+        next(it)
+    msg = str(e.value)
+    assert "'s'" in msg and "id 60" in msg and "[0, 10)" in msg
+    assert str(tmp_path / "b.parquet") in msg
+    assert "from row 6" in msg

@@ -28,7 +28,7 @@ def _base(synth_data, run_dir, **extra):
 def trained_two_ranks(synth_data, tmp_path_factory):
     """One epoch over 60k rows on 2 ranks with table-wise, column-wise and data-parallel tables."""
     run = tmp_path_factory.mktemp("two_ranks")
-    proc = run_rectrain(["train", "--config", str(SYNTH_CONFIG), *_base(synth_data, run, checkpoint__every_steps=0)],
+    proc = run_rectrain(["train", "--config", str(SYNTH_CONFIG), *_base(synth_data, run, checkpoint__every_steps=0, train__log_every=5)],
                         nproc=2)
     (run / "train_result.json").write_text(proc.stdout.strip().splitlines()[-1])
     return run
