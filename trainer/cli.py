@@ -76,12 +76,10 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = Trainer(cfg).fit()
-        if result.get("auc") is not None:
-            import torch.distributed as dist
-
-            if dist.get_rank() == 0:
-                print(json.dumps({k: v for k, v in result.items() if k != "tasks"}))
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        if trainer.ctx.is_main:
+            print(json.dumps({k: v for k, v in result.items() if k != "tasks"}))
     finally:
         shutdown()
     return 0

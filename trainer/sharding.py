@@ -36,7 +36,10 @@ def fused_params(cfg: RunConfig) -> dict:
     }
 
 
-def make_sharders(cfg: RunConfig) -> list:
+def make_sharders(cfg: RunConfig, device_type: str = "cuda") -> list:
+    if device_type == "cpu" and cfg.optimizer.embedding == "adam":
+        raise ConfigError("config key 'optimizer.embedding': FBGEMM's CPU kernels have no fused Adam; "
+                          "use rowwise_adagrad or sgd on CPU (adam works on GPU)")
     return [EmbeddingBagCollectionSharder(fused_params=fused_params(cfg))]
 
 
@@ -87,7 +90,7 @@ def shard_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> tuple
     world_size = dist.get_world_size()
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     planner = make_planner(cfg, world_size, device.type, local_world_size=local_world_size)
-    sharders = make_sharders(cfg)
+    sharders = make_sharders(cfg, device.type)
     plan = planner.collective_plan(model, sharders, pg)
     dmp = DistributedModelParallel(
         module=model,
@@ -148,7 +151,7 @@ def dry_run(cfg: RunConfig, model: nn.Module, world_size: int, device_type: str)
     # The estimators read device properties only through the Topology, so planning for GPUs
     # works on a machine without them.
     planner = make_planner(cfg, world_size, device_type)
-    plan = planner.plan(model, make_sharders(cfg))
+    plan = planner.plan(model, make_sharders(cfg, device_type))
     return {
         "world_size": world_size,
         "device": device_type,

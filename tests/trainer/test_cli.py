@@ -74,3 +74,10 @@ def test_synth_then_inspect(tmp_path):
     assert report["rows"] == 3000 and report["files"] == 2
     assert report["columns"]["label"]["min"] == 0 and report["columns"]["label"]["max"] == 1
     assert report["columns"]["cat_23"]["max_list_length"] <= 5
+
+
+def test_fused_adam_on_cpu_is_a_one_line_error():
+    proc = _cli("plan", "--config", str(SYNTH_CONFIG), "--world-size", "1", "--device", "cpu",
+                "--set", "optimizer.embedding=adam")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "optimizer.embedding" in proc.stderr and "sgd" in proc.stderr
