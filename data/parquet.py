@@ -47,7 +47,7 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         try:
             return pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        except pa.ArrowException as e:
             raise DataError(f"{uri}: pyarrow cannot open this URI ({e}); use a local path or a pyarrow.fs URI") from None
     import os
 
