@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -36,15 +36,12 @@ class Batch:
         return self.dense.shape[0]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(
+        return replace(
+            self,
             dense=self.dense.to(device, non_blocking=non_blocking),
             sparse=self.sparse.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             weights=self.weights.to(device, non_blocking=non_blocking),
-            slot=self.slot,
-            position=self.position,
-            id_stats=self.id_stats,
-            null_dense=self.null_dense,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -55,15 +52,12 @@ class Batch:
         self.weights.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(
+        return replace(
+            self,
             dense=self.dense.pin_memory(),
             sparse=self.sparse.pin(),
             labels=self.labels.pin_memory(),
             weights=self.weights.pin_memory(),
-            slot=self.slot,
-            position=self.position,
-            id_stats=self.id_stats,
-            null_dense=self.null_dense,
         )
 
 

@@ -121,13 +121,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from models import build_model
-    from models.registry import ModelInputs
     from trainer.sharding import dry_run, format_plan
+    from trainer.train import build_unsharded_model
 
     cfg = load_config(args.config, args.overrides)
-    inputs = ModelInputs(len(cfg.data.dense_columns), tuple(cfg.data.label_columns), bool(cfg.data.weight_columns))
-    model = build_model(cfg.model, inputs)
+    model, _ = build_unsharded_model(cfg)
     result = dry_run(cfg, model, args.world_size, args.device)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "plan"}, default=str))

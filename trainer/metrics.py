@@ -11,7 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric
 from torchmetrics.classification import BinaryAUROC
 
 
@@ -63,11 +63,8 @@ class RegressionTaskMetrics:
     """MSE and MAE, summed across ranks."""
 
     def __init__(self, device: torch.device) -> None:
-        from torchmetrics import MeanAbsoluteError, MeanSquaredError
-
         self.mse = MeanSquaredError().to(device)
         self.mae = MeanAbsoluteError().to(device)
-        self.count = 0
 
     def update(self, outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
         self.mse.update(outputs[mask], labels[mask])

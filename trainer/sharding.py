@@ -23,8 +23,6 @@ _FUSED_OPTIMIZERS = {
     "adam": EmbOptimType.ADAM,
     "sgd": EmbOptimType.EXACT_SGD,
 }
-# Optimizer state bytes per weight byte, for the plan's memory estimate fallback.
-_STATE_PER_ROW = {"rowwise_adagrad": "row", "adam": 2.0, "sgd": 0.0}
 
 
 def fused_params(cfg: RunConfig) -> dict:
@@ -122,27 +120,14 @@ def plan_rows(plan: ShardingPlan) -> list[dict]:
     return rows
 
 
-def memory_per_rank(planner: EmbeddingShardingPlanner, plan: ShardingPlan, world_size: int,
-                    optimizer: str) -> dict[int, dict[str, int]]:
+def memory_per_rank(planner: EmbeddingShardingPlanner) -> dict[int, dict[str, int]]:
     """Bytes per rank as the planner estimated them (weights, optimizer state, I/O buffers)."""
     per_rank: dict[int, dict[str, int]] = defaultdict(lambda: {"hbm": 0, "ddr": 0})
-    best = getattr(planner, "_best_plan", None)
-    if best:
-        for option in best:
-            for shard in option.shards:
-                if shard.rank is not None and shard.storage is not None:
-                    per_rank[shard.rank]["hbm"] += int(shard.storage.hbm)
-                    per_rank[shard.rank]["ddr"] += int(shard.storage.ddr)
-        return dict(sorted(per_rank.items()))
-    # Fallback (planner internals changed): weights plus optimizer state from the plan itself.
-    for row in plan_rows(plan):
-        ranks = row["ranks"] if row["ranks"] != "all" else list(range(world_size))
-        for rank, size in zip(ranks, row["shards"] or [None] * len(ranks)):
-            if size is None:
-                continue
-            weight = size[0] * size[1] * 4
-            state = size[0] * 4 if _STATE_PER_ROW[optimizer] == "row" else weight * _STATE_PER_ROW[optimizer]
-            per_rank[rank]["ddr"] += int(weight + state)
+    for option in planner._best_plan or []:
+        for shard in option.shards:
+            if shard.rank is not None and shard.storage is not None:
+                per_rank[shard.rank]["hbm"] += int(shard.storage.hbm)
+                per_rank[shard.rank]["ddr"] += int(shard.storage.ddr)
     return dict(sorted(per_rank.items()))
 
 
@@ -156,7 +141,7 @@ def dry_run(cfg: RunConfig, model: nn.Module, world_size: int, device_type: str)
         "world_size": world_size,
         "device": device_type,
         "tables": plan_rows(plan),
-        "memory_per_rank": memory_per_rank(planner, plan, world_size, cfg.optimizer.embedding),
+        "memory_per_rank": memory_per_rank(planner),
         "plan": plan,
     }
 

@@ -3,9 +3,9 @@ the loop. One code path for one process and for N torchrun workers."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import math
 import time
 from collections import deque
 from pathlib import Path
@@ -43,11 +43,16 @@ def build_stream(cfg: RunConfig, schema: Schema, ctx: DistContext, path: str, tr
     )
 
 
-def build_sharded_model(cfg: RunConfig, ctx: DistContext):
-    """(DMP-wrapped TrainModule, the unwrapped RecModel, the sharding plan)."""
+def build_unsharded_model(cfg: RunConfig):
+    """(the meta-device RecModel, the data schema it reads)."""
     schema = Schema.from_config(cfg.data, cfg.model)
     inputs = ModelInputs(len(cfg.data.dense_columns), tuple(cfg.data.label_columns), schema.weighted)
-    rec_model = build_model(cfg.model, inputs)
+    return build_model(cfg.model, inputs), schema
+
+
+def build_sharded_model(cfg: RunConfig, ctx: DistContext):
+    """(DMP-wrapped TrainModule, the unwrapped RecModel, the sharding plan, the schema)."""
+    rec_model, schema = build_unsharded_model(cfg)
     model, plan = shard_model(TrainModule(rec_model), cfg, ctx.device)
     return model, rec_model, plan, schema
 
@@ -200,7 +205,7 @@ class Trainer:
             first = next(segment, None)
             if first is None:
                 return
-            feed = _recording(_chain(first, segment), pending)
+            feed = _recording(itertools.chain([first], segment), pending)
             pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device, execute_all_batches=True)
             while True:
                 self.schedule.apply(self.state.step)
@@ -310,11 +315,6 @@ def _take_until_boundary(batches, step: int, boundaries: list[int], stop_at: int
         yield batch
         if step == stop_at or any(step % b == 0 for b in boundaries):
             return
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def _recording(batches, pending: deque):
