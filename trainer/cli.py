@@ -70,51 +70,63 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _train(cfg) -> None:
+    from trainer.train import Trainer
+
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    if trainer.ctx.is_main:
+        print(json.dumps({k: v for k, v in result.items() if k != "tasks"}))
+
+
 def cmd_train(args) -> int:
     from trainer.distributed import shutdown
-    from trainer.train import Trainer
 
     cfg = load_config(args.config, args.overrides)
     try:
-        trainer = Trainer(cfg)
-        result = trainer.fit()
-        if trainer.ctx.is_main:
-            print(json.dumps({k: v for k, v in result.items() if k != "tasks"}))
+        _train(cfg)  # the Trainer (and the process group it holds) is unreferenced once this returns
     finally:
         shutdown()
     return 0
 
 
-def cmd_eval(args) -> int:
+def _evaluate_checkpoint(cfg, ckpt: Path, data: str, out: str | None) -> None:
     import torch.distributed as dist
 
-    from trainer.checkpoint import Checkpointer, resolve_checkpoint
-    from trainer.distributed import init_distributed, shutdown
+    from trainer.checkpoint import Checkpointer
+    from trainer.distributed import init_distributed
     from trainer.evaluate import evaluate
     from trainer.logger import setup_console
     from trainer.train import build_sharded_model, build_stream
+
+    ctx = init_distributed(cfg.train.device)
+    setup_console(ctx.rank)
+    model, rec_model, _, schema = build_sharded_model(cfg, ctx)
+    state = Checkpointer.load(ckpt, {"model": model.state_dict()})
+    model.load_state_dict(state["model"])
+    stream = build_stream(cfg, schema, ctx, data, train=False)
+    metrics = evaluate(model, rec_model.tasks, stream, ctx.device, cfg.eval.max_batches)
+    result = {**metrics, "checkpoint": str(ckpt), "data": data, "world_size": ctx.world_size}
+    if ctx.is_main:
+        path = Path(out) if out else Path(cfg.train.run_dir) / "eval" / f"{ckpt.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(result)
+        path.write_text(line + "\n")
+        print(line)
+    dist.barrier()
+
+
+def cmd_eval(args) -> int:
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.distributed import shutdown
 
     cfg = load_config(args.config, args.overrides)
     data = args.data or cfg.data.eval_path
     if not data:
         raise ConfigError("no eval data: pass --data PATH or set data.eval_path")
     ckpt = resolve_checkpoint(args.checkpoint)
-    ctx = init_distributed(cfg.train.device)
-    setup_console(ctx.rank)
     try:
-        model, rec_model, _, schema = build_sharded_model(cfg, ctx)
-        state = Checkpointer.load(ckpt, {"model": model.state_dict()})
-        model.load_state_dict(state["model"])
-        stream = build_stream(cfg, schema, ctx, data, train=False)
-        metrics = evaluate(model, rec_model.tasks, stream, ctx.device, cfg.eval.max_batches)
-        result = {**metrics, "checkpoint": str(ckpt), "data": data, "world_size": ctx.world_size}
-        if ctx.is_main:
-            out = Path(args.out) if args.out else Path(cfg.train.run_dir) / "eval" / f"{ckpt.name}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            line = json.dumps(result)
-            out.write_text(line + "\n")
-            print(line)
-        dist.barrier()
+        _evaluate_checkpoint(cfg, ckpt, data, args.out)  # the sharded model is unreferenced after this
     finally:
         shutdown()
     return 0

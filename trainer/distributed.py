@@ -3,6 +3,7 @@ plain `rectrain train` is a world of one and gets an in-memory store, no port ne
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -52,8 +53,17 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
 
 
 def shutdown() -> None:
+    """Destroy the process group and let its threads finish while the interpreter is alive.
+
+    Callers drop what holds the group first (Trainer, DMP, DDP). DDP and sharded modules sit in
+    reference cycles, so without this collection the group's C++ object would die in the
+    interpreter's final GC, when a gloo worker still releasing a finished collective's tensors
+    can no longer take the GIL and the process aborts ("terminate called without an active
+    exception") after a successful run.
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def all_gather_objects(obj):
