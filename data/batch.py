@@ -20,6 +20,9 @@ class Batch:
     slot/position: which reader slot produced the batch and how many of that slot's rows
         were consumed after it (the data cursor the checkpoint saves)
     id_stats: int64 [num_features, 3] negative/out_of_range/null counts for this batch
+    null_dense: missing dense values (filled with 0, and flagged when data.dense_missing is
+        "indicator")
+    negative_dense: negative dense values that the log1p transform folded by sign
     """
 
     dense: torch.Tensor
@@ -30,6 +33,7 @@ class Batch:
     position: int = 0
     id_stats: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
     null_dense: int = 0
+    negative_dense: int = 0
 
     @property
     def batch_size(self) -> int:

@@ -122,20 +122,30 @@ def discover_pieces(uri: str, schema: Schema) -> tuple[pafs.FileSystem, list[Pie
 # --------------------------------------------------------------------------- arrow -> Batch
 
 
-def _dense_matrix(table: pa.Table, schema: Schema) -> tuple[np.ndarray, int]:
+def _dense_matrix(table: pa.Table, schema: Schema) -> tuple[np.ndarray, int, int]:
+    """(dense [B, schema.num_dense], null count, negatives folded by log1p)."""
     n = table.num_rows
     if not schema.dense_columns:
-        return np.zeros((n, 0), dtype=np.float32), 0
-    cols, nulls = [], 0
+        return np.zeros((n, 0), dtype=np.float32), 0, 0
+    cols, missing = [], []
     for c in schema.dense_columns:
         col = table.column(c)
-        nulls += col.null_count
-        col = pc.fill_null(col.cast(pa.float32()), 0.0) if col.null_count else col.cast(pa.float32())
-        cols.append(col.to_numpy())
+        if col.null_count:
+            missing.append(col.is_null().to_numpy(zero_copy_only=False))
+            col = pc.fill_null(col.cast(pa.float32()), 0.0)
+        else:
+            missing.append(None)
+        cols.append(col.cast(pa.float32()).to_numpy())
     dense = np.stack(cols, axis=1)
+    nulls = sum(int(m.sum()) for m in missing if m is not None)
+    negatives = 0
     if schema.dense_transform == "log1p":
+        negatives = int(np.count_nonzero(dense < 0))
         dense = np.sign(dense) * np.log1p(np.abs(dense))
-    return dense.astype(np.float32, copy=False), nulls
+    if schema.dense_missing == "indicator":
+        flags = np.stack([m if m is not None else np.zeros(n, dtype=bool) for m in missing], axis=1)
+        dense = np.concatenate([dense, flags.astype(np.float32)], axis=1)
+    return dense.astype(np.float32, copy=False), nulls, negatives
 
 
 def _ids_and_lengths(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
@@ -166,7 +176,7 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str) -> Batch:
             raise DataError(f"{where}: label column {c!r} has {table.column(c).null_count} null values; "
                             f"labels must be present (drop or fill those rows upstream)")
     labels = np.stack([table.column(c).cast(pa.float32()).to_numpy() for c in schema.label_columns], axis=1)
-    dense, null_dense = _dense_matrix(table, schema)
+    dense, null_dense, negative_dense = _dense_matrix(table, schema)
     values, lengths, weights = [], [], []
     stats = np.zeros((len(schema.features), 3), dtype=np.int64)
     for i, feat in enumerate(schema.features):
@@ -201,6 +211,7 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str) -> Batch:
         weights=torch.ones(table.num_rows),
         id_stats=stats,
         null_dense=null_dense,
+        negative_dense=negative_dense,
     )
 
 

@@ -9,7 +9,9 @@ table. The policy maps every id into ``[0, num_embeddings)`` and counts what it 
 
 Counters per feature: ``negative`` and ``out_of_range`` ids seen (still mapped, never dropped),
 ``null`` scalar/list entries (they become empty bags, i.e. contribute nothing to the pooled
-embedding), and ``null_dense`` values filled with 0.
+embedding). Dense columns count ``null_dense`` values (filled with 0; with
+``dense_missing = "indicator"`` a 0/1 missing flag per dense column is appended too) and
+``negative_dense`` values that the ``log1p`` transform folds by sign.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Schema:
     features: tuple[FeatureSpec, ...]
     id_policy: str = "modulo"
     dense_transform: str = "none"  # "none" | "log1p" (Criteo counts are heavy-tailed)
+    dense_missing: str = "zero"  # "zero" | "indicator" (append a missing flag per dense column)
 
     @property
     def feature_names(self) -> list[str]:
@@ -52,6 +55,11 @@ class Schema:
     def columns(self) -> list[str]:
         weights = [f.weight_column for f in self.features if f.weight_column]
         return [*self.label_columns, *self.dense_columns, *self.feature_names, *weights]
+
+    @property
+    def num_dense(self) -> int:
+        """Width of Batch.dense: the dense columns, then their missing flags if any."""
+        return len(self.dense_columns) * (2 if self.dense_missing == "indicator" else 1)
 
     @property
     def weighted(self) -> bool:
@@ -70,6 +78,7 @@ class Schema:
             features=feats,
             id_policy=data_cfg.id_policy,
             dense_transform=data_cfg.dense_transform,
+            dense_missing=data_cfg.dense_missing,
         )
 
 

@@ -4,10 +4,10 @@ adding one is a new file here plus a TOML in configs/, with no trainer edit."""
 import importlib
 import pkgutil
 
-from models.registry import MODELS, RecModel, Task, build_model, register
+from models.registry import MODELS, RecModel, build_model, register
+from models.tasks import BinaryTask, RegressionTask, Task
 
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("registry", "arches"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+    importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["MODELS", "RecModel", "Task", "build_model", "register"]
+__all__ = ["MODELS", "BinaryTask", "RecModel", "RegressionTask", "Task", "build_model", "register"]

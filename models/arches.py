@@ -9,17 +9,24 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 class MLP(nn.Sequential):
-    """[B, in] -> Linear/ReLU stack -> [B, sizes[-1]]; the last layer is linear when `last_linear`."""
+    """[B, in] -> Linear/ReLU(/Dropout) stack -> [B, sizes[-1]]; the last layer is linear (no
+    activation, no dropout) when `last_linear`."""
 
     def __init__(self, in_features: int, sizes: list[int], last_linear: bool = False,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, dropout: float = 0.0) -> None:
         layers: list[nn.Module] = []
         for i, out in enumerate(sizes):
             layers.append(nn.Linear(in_features, out, device=device))
             if not (last_linear and i == len(sizes) - 1):
                 layers.append(nn.ReLU())
+                if dropout > 0:
+                    layers.append(nn.Dropout(dropout))
             in_features = out
         super().__init__(*layers)
+
+    @property
+    def out_features(self) -> int:
+        return [m for m in self if isinstance(m, nn.Linear)][-1].out_features
 
 
 class SparseArch(nn.Module):
@@ -57,3 +64,30 @@ class DotInteraction(nn.Module):
         # Indices built per call (tiny) rather than kept as buffers, which `to_empty` would wipe.
         rows, cols = torch.triu_indices(self.num_vectors, self.num_vectors, offset=1, device=gram.device)
         return torch.cat([dense, gram[:, rows, cols]], dim=1)
+
+
+def sparse_features(ebc: EmbeddingBagCollection) -> list[str]:
+    """The collection's feature names, in table order."""
+    return [f for t in ebc.embedding_bag_configs() for f in t.feature_names]
+
+
+class FlatInputArch(nn.Module):
+    """dense [B, D] + KJT -> [B, D' + sum of embedding dims]: the dense vector (through an
+    optional bottom MLP, D' its last size, or raw D' = D) next to every pooled embedding,
+    flattened in `feature_names` order. The input of DCN-v2 and the multi-task models, whose
+    tables may have different dims."""
+
+    def __init__(self, num_dense: int, ebc: EmbeddingBagCollection, feature_names: list[str],
+                 dense_arch: list[int] | None = None, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.embedding_bag_collection = ebc
+        self.feature_names = list(feature_names)
+        self.dense_arch = MLP(num_dense, list(dense_arch), device=device) if dense_arch else None
+        dense_out = dense_arch[-1] if dense_arch else num_dense
+        dims = {f: t.embedding_dim for t in ebc.embedding_bag_configs() for f in t.feature_names}
+        self.out_features = dense_out + sum(dims[f] for f in self.feature_names)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.embedding_bag_collection(sparse).to_dict()
+        dense = self.dense_arch(dense) if self.dense_arch is not None else dense
+        return torch.cat([dense, *(pooled[f] for f in self.feature_names)], dim=1)

@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP, DotInteraction, SparseArch
-from models.registry import ModelInputs, RecModel, Task, embedding_bag_configs, register
+from models.registry import ArchConfigError, ModelInputs, RecModel, embedding_bag_configs, register, require
+from models.tasks import Task
 
 
+@dataclass
+class DLRMConfig:
+    """`[model.arch]` for dlrm."""
+
+    dense_arch: list[int] = field(default_factory=lambda: [64, 16])  # bottom MLP; last = embedding_dim
+    over_arch: list[int] = field(default_factory=lambda: [64])  # top MLP hidden sizes (one head per task added)
+    dropout: float = 0.0  # after each hidden ReLU of the top MLP
+
+    def __post_init__(self) -> None:
+        require(bool(self.dense_arch) and all(d > 0 for d in self.dense_arch), "dense_arch",
+                "list positive layer sizes, e.g. [64, 16]")
+        require(all(d > 0 for d in self.over_arch), "over_arch", "layer sizes must be positive integers")
+        require(0.0 <= self.dropout < 1.0, "dropout", "must be within [0, 1)")
+
+
+def check_uniform_dim(model_cfg, name: str) -> int:
+    """Interactions that combine embeddings need every table at model.embedding_dim."""
+    dim = model_cfg.embedding_dim
+    for i, t in enumerate(model_cfg.tables):
+        if (t.embedding_dim or dim) != dim:
+            raise ArchConfigError(f"config key 'model.tables[{i}].embedding_dim': {name} needs every table at "
+                                  f"model.embedding_dim={dim}; got {t.embedding_dim}")
+    return dim
+
+
+@register("dlrm", config=DLRMConfig)
 class DLRM(RecModel):
     """
     dense  [B, D] --bottom MLP--> [B, E] --+
@@ -17,38 +46,31 @@ class DLRM(RecModel):
     sparse KJT (F features) --EBC--> [B, F, E]
 
     All tables share the embedding dim E, which must equal the bottom MLP's last size.
+    Outputs one logit (or value) per task: {task name: [B]}.
     """
 
-    def __init__(self, model_cfg, inputs: ModelInputs) -> None:
-        super().__init__()
+    def __init__(self, model_cfg, inputs: ModelInputs, tasks: list[Task]) -> None:
+        super().__init__(tasks)
+        arch: DLRMConfig = model_cfg.arch
         meta = torch.device("meta")
-        tables = embedding_bag_configs(model_cfg)
-        dim = model_cfg.embedding_dim
-        for i, t in enumerate(tables):
-            if t.embedding_dim != dim:
-                raise ValueError(f"config key 'model.tables[{i}].embedding_dim': dlrm's dot interaction needs "
-                                 f"every table at model.embedding_dim={dim}; got {t.embedding_dim}")
-        if model_cfg.dense_arch[-1] != dim:
-            raise ValueError(f"config key 'model.dense_arch': the last size ({model_cfg.dense_arch[-1]}) must "
-                             f"equal model.embedding_dim ({dim}) for the dot interaction")
+        dim = check_uniform_dim(model_cfg, "dlrm's dot interaction")
+        if arch.dense_arch[-1] != dim:
+            raise ArchConfigError(f"config key 'model.arch.dense_arch': the last size ({arch.dense_arch[-1]}) "
+                                  f"must equal model.embedding_dim ({dim}) for the dot interaction")
         if inputs.num_dense == 0:
-            raise ValueError("config key 'data.dense_columns': dlrm needs at least one dense column")
+            raise ArchConfigError("config key 'data.dense_columns': dlrm needs at least one dense column")
+        tables = embedding_bag_configs(model_cfg)
         features = [f for t in tables for f in t.feature_names]
-        self.tasks = [Task(name, i) for i, name in enumerate(inputs.label_names)]
-        self.dense_arch = MLP(inputs.num_dense, list(model_cfg.dense_arch), device=meta)
+        self.dense_arch = MLP(inputs.num_dense, list(arch.dense_arch), device=meta)
         self.sparse_arch = SparseArch(
             EmbeddingBagCollection(tables=tables, is_weighted=inputs.weighted, device=meta), features
         )
         self.interaction = DotInteraction(len(features))
         over_in = DotInteraction.output_dim(len(features), dim)
-        self.over_arch = MLP(over_in, [*model_cfg.over_arch, len(self.tasks)], last_linear=True, device=meta)
+        self.over_arch = MLP(over_in, [*arch.over_arch, len(self.tasks)], last_linear=True, device=meta,
+                             dropout=arch.dropout)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         embedded_dense = self.dense_arch(dense)
         embedded_sparse = self.sparse_arch(sparse)
-        return self.over_arch(self.interaction(embedded_dense, embedded_sparse))
-
-
-@register("dlrm")
-def build_dlrm(model_cfg, inputs: ModelInputs) -> DLRM:
-    return DLRM(model_cfg, inputs)
+        return self.split_heads(self.over_arch(self.interaction(embedded_dense, embedded_sparse)))

@@ -1,16 +1,25 @@
 """Model registry and the contract every model keeps with the trainer.
 
-A model is an ``nn.Module`` built on the meta device (DistributedModelParallel materializes
-it) with:
+A model is a :class:`RecModel` built on the meta device (DistributedModelParallel
+materializes it) and registered with its typed arch config::
 
-- ``forward(dense: Tensor[B, D], sparse: KeyedJaggedTensor) -> Tensor[B, T]``: one output per
-  task,
-- ``tasks``: the T tasks in output order, each naming its label column and kind,
-- ``loss(outputs, labels, weights) -> Tensor[]``: per task the weighted mean over samples
-  (weight 0 marks padding rows), summed over tasks.
+    @dataclass
+    class MyConfig:            # torch-free; `[model.arch]` in TOML; validated in __post_init__
+        hidden: list[int] = field(default_factory=lambda: [64])
+
+    @register("my_model", config=MyConfig)
+    class MyModel(RecModel):
+        def __init__(self, model_cfg, inputs: ModelInputs, tasks: list[Task]): ...
+        def forward(self, dense, sparse) -> dict[str, Tensor]: ...
+
+- ``forward(dense: Tensor[B, D], sparse: KeyedJaggedTensor) -> dict[str, Tensor]``: named
+  outputs; each task reads ``outputs[task.name]`` (a [B] logit or value).
+- ``tasks``: the :class:`~models.tasks.Task` objects, built from ``model.tasks`` by the registry;
+  ``loss()`` returns the weighted total and the per-task losses.
 
 Builders receive the model config (``model.*`` of the run config, duck-typed so that this
-package never imports the trainer) and a :class:`ModelInputs` describing the data.
+package never imports the trainer; ``model_cfg.arch`` is the model's typed config) and a
+:class:`ModelInputs` describing the data.
 """
 
 from __future__ import annotations
@@ -19,18 +28,20 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
+from models.tasks import Task, build_tasks, total_loss
 
-@dataclass(frozen=True)
-class Task:
-    """One prediction head. `label_index` is the column of `Batch.labels` it learns from."""
 
-    name: str
-    label_index: int
-    kind: str = "binary"  # binary: BCE on logits; regression: MSE
+class ArchConfigError(ValueError):
+    """A bad `[model.arch]` value; the trainer's config loader turns it into a ConfigError."""
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """For arch configs' `__post_init__`: one-line errors that name `model.arch.<key>`."""
+    if not ok:
+        raise ArchConfigError(f"config key 'model.arch.{key}': {message}")
 
 
 @dataclass(frozen=True)
@@ -41,60 +52,89 @@ class ModelInputs:
 
 
 class RecModel(nn.Module):
-    """Base class: holds the tasks and implements the weighted per-task loss."""
+    """Base class: holds the tasks and sums their weighted losses."""
 
-    tasks: list[Task]
+    def __init__(self, tasks: list[Task]) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        denom = weights.sum().clamp(min=1.0)
-        total = outputs.new_zeros(())
-        for i, task in enumerate(self.tasks):
-            y = labels[:, task.label_index]
-            if task.kind == "binary":
-                per_sample = F.binary_cross_entropy_with_logits(outputs[:, i], y, reduction="none")
-            else:
-                per_sample = (outputs[:, i] - y) ** 2
-            total = total + (per_sample * weights).sum() / denom
-        return total
+    def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor,
+             weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted total [], per-task losses [T]); per task the weighted mean over samples
+        (weight 0 marks padding rows)."""
+        return total_loss(self.tasks, outputs, labels, weights)
 
-    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Probabilities for binary tasks, raw values for regression; [B, T]."""
-        cols = [outputs[:, i].sigmoid() if t.kind == "binary" else outputs[:, i] for i, t in enumerate(self.tasks)]
-        return torch.stack(cols, dim=1)
+    def predictions(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Probabilities for binary tasks, values for regression; {task: [B]}."""
+        return {t.name: t.predict(t.output(outputs)) for t in self.tasks}
 
-
-Builder = Callable[[Any, ModelInputs], RecModel]
-MODELS: dict[str, Builder] = {}
+    def split_heads(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[B, T] head outputs in task order -> {task: [B]}."""
+        return {t.name: logits[:, i] for i, t in enumerate(self.tasks)}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    def wrap(builder: Builder) -> Builder:
+@dataclass
+class NoArch:
+    """For models without settings of their own."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    builder: Callable[[Any, ModelInputs, list[Task]], RecModel]
+    config: type
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register(name: str, config: type = NoArch) -> Callable:
+    """Class or function decorator: `builder(model_cfg, inputs, tasks) -> RecModel`."""
+
+    def wrap(builder):
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = builder
+        MODELS[name] = ModelEntry(builder, config)
         return builder
 
     return wrap
 
 
+def _entry(name: str) -> ModelEntry:
+    import models  # noqa: F401  (importing the package registers every model file)
+
+    if name not in MODELS:
+        raise ArchConfigError(f"config key 'model.name': unknown model {name!r}; "
+                              f"registered models are {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def arch_config_class(name: str) -> type:
+    return _entry(name).config
+
+
 def build_model(model_cfg: Any, inputs: ModelInputs) -> RecModel:
-    """Build `model_cfg.name` on the meta device."""
-    if model_cfg.name not in MODELS:
-        raise ValueError(f"config key 'model.name': unknown model {model_cfg.name!r}; "
-                         f"registered models are {', '.join(sorted(MODELS))}")
-    return MODELS[model_cfg.name](model_cfg, inputs)
+    """Build `model_cfg.name` on the meta device, with its tasks."""
+    entry = _entry(model_cfg.name)
+    tasks = build_tasks(model_cfg.tasks, inputs.label_names)
+    return entry.builder(model_cfg, inputs, tasks)
 
 
-def embedding_bag_configs(model_cfg: Any) -> list[EmbeddingBagConfig]:
-    """TorchRec table configs from `model.tables`."""
+def embedding_bag_configs(model_cfg: Any, features: list[str] | None = None, dim: int | None = None,
+                          prefix: str = "") -> list[EmbeddingBagConfig]:
+    """TorchRec table configs from `model.tables`: all of them, or only the tables that hold
+    `features` (restricted to those), optionally at another dim under a name prefix (e.g. a
+    Wide&Deep's dim-1 wide tables beside the deep ones)."""
     pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
-    return [
-        EmbeddingBagConfig(
-            name=t.name,
-            embedding_dim=t.embedding_dim or model_cfg.embedding_dim,
-            num_embeddings=t.num_embeddings,
-            feature_names=list(t.features),
-            pooling=pooling[t.pooling],
-        )
-        for t in model_cfg.tables
-    ]
+    wanted = None if features is None else set(features)
+    configs = []
+    for t in model_cfg.tables:
+        names = [f for f in t.features if wanted is None or f in wanted]
+        if names:
+            configs.append(EmbeddingBagConfig(
+                name=prefix + t.name,
+                embedding_dim=dim or t.embedding_dim or model_cfg.embedding_dim,
+                num_embeddings=t.num_embeddings,
+                feature_names=names,
+                pooling=pooling[t.pooling],
+            ))
+    return configs

@@ -48,7 +48,9 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
         dist.barrier()
 
-    def save(self, step: int, state: dict) -> Path:
+    def save(self, step: int, state: dict, keep: Path | None = None) -> Path:
+        """Write `state` as step_<step>; rotation keeps the last `keep_last` and `keep` (the
+        best checkpoint, if any)."""
         final = self.directory / f"step_{step:08d}"
         partial = final.with_name(final.name + ".partial")
         if dist.get_rank() == 0:
@@ -61,7 +63,8 @@ class Checkpointer:
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             for old in self.complete_checkpoints()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if keep is None or old.name != keep.name:
+                    shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
         return final
 

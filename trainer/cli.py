@@ -76,7 +76,7 @@ def _train(cfg) -> None:
     trainer = Trainer(cfg)
     result = trainer.fit()
     if trainer.ctx.is_main:
-        print(json.dumps({k: v for k, v in result.items() if k != "tasks"}))
+        print(json.dumps(result))
 
 
 def cmd_train(args) -> int:
@@ -93,17 +93,15 @@ def cmd_train(args) -> int:
 def _evaluate_checkpoint(cfg, ckpt: Path, data: str, out: str | None) -> None:
     import torch.distributed as dist
 
-    from trainer.checkpoint import Checkpointer
+    from trainer.build import build_sharded_model, build_stream, load_model_weights
     from trainer.distributed import init_distributed
     from trainer.evaluate import evaluate
     from trainer.logger import setup_console
-    from trainer.train import build_sharded_model, build_stream
 
     ctx = init_distributed(cfg.train.device)
     setup_console(ctx.rank)
     model, rec_model, _, schema = build_sharded_model(cfg, ctx)
-    state = Checkpointer.load(ckpt, {"model": model.state_dict()})
-    model.load_state_dict(state["model"])
+    load_model_weights(model, ckpt)
     stream = build_stream(cfg, schema, ctx, data, train=False)
     metrics = evaluate(model, rec_model.tasks, stream, ctx.device, cfg.eval.max_batches)
     result = {**metrics, "checkpoint": str(ckpt), "data": data, "world_size": ctx.world_size}
@@ -133,8 +131,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from trainer.build import build_unsharded_model
     from trainer.sharding import dry_run, format_plan
-    from trainer.train import build_unsharded_model
 
     cfg = load_config(args.config, args.overrides)
     model, _ = build_unsharded_model(cfg)

@@ -19,6 +19,11 @@ EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 ID_POLICIES = ("modulo", "hash", "strict")
 POOLINGS = ("sum", "mean")
+TASK_KINDS = ("binary", "regression")
+REGRESSION_LOSSES = ("mse", "huber")
+# Keys that moved into a model's typed `[model.arch]` section; named in the error for old configs.
+_MOVED_KEYS = {"model.dense_arch": "model.arch.dense_arch", "model.over_arch": "model.arch.over_arch",
+               "model.options": "model.arch (the model's typed settings)"}
 
 
 class ConfigError(ValueError):
@@ -51,6 +56,9 @@ class DataConfig:
     id_policy: str = "modulo"
     # Applied to dense columns on read: "log1p" (sign-preserving log(1+|x|)) tames count features.
     dense_transform: str = "none"
+    # Missing dense values become 0; "indicator" also appends one 0/1 "was missing" feature per
+    # dense column, so the model can tell a real 0 from a gap.
+    dense_missing: str = "zero"
     batch_size: int = 512
     eval_batch_size: int = 4096
     num_workers: int = 1
@@ -63,6 +71,7 @@ class DataConfig:
         _require(bool(self.sparse_columns), "data.sparse_columns", "list the categorical id columns")
         _one_of(self.id_policy, ID_POLICIES, "data.id_policy")
         _one_of(self.dense_transform, ("none", "log1p"), "data.dense_transform")
+        _one_of(self.dense_missing, ("zero", "indicator"), "data.dense_missing")
         _require(self.batch_size > 0, "data.batch_size", "must be a positive integer")
         _require(self.eval_batch_size > 0, "data.eval_batch_size", "must be a positive integer")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0 (0 reads in the main process)")
@@ -95,16 +104,50 @@ class TableConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One prediction task: which label column it learns, its loss and its weight in the total."""
+
+    name: str = ""
+    label: str = ""  # label column; default: the task name
+    kind: str = "binary"  # binary: BCE on a logit; regression: MSE or Huber on a value
+    loss: str = ""  # regression: mse (default) or huber; binary: bce
+    huber_delta: float = 1.0
+    weight: float = 1.0  # weight of this task's loss in the training total
+    # Weight of this task's prediction in the serving score (probability for binary tasks, value
+    # for regression) that multi-task evaluation reports; 0 leaves the task out of it.
+    serving_weight: float = 1.0
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.name), f"{key}.name", "every task needs a name")
+        if not self.label:
+            self.label = self.name
+        _one_of(self.kind, TASK_KINDS, f"{key}.kind")
+        if self.kind == "binary":
+            self.loss = self.loss or "bce"
+            _one_of(self.loss, ("bce",), f"{key}.loss")
+        else:
+            self.loss = self.loss or "mse"
+            _one_of(self.loss, REGRESSION_LOSSES, f"{key}.loss")
+        _require(self.huber_delta > 0, f"{key}.huber_delta", "must be > 0")
+        _require(self.weight >= 0, f"{key}.weight", "must be >= 0")
+
+
+@dataclass
 class ModelConfig:
-    """Which registered model to build, its tables and its arch sizes."""
+    """Which registered model to build, its tables, tasks, feature groups and typed arch.
+
+    ``arch`` holds the model's own settings (``[model.arch]`` in TOML): a dataclass registered
+    with the model (``register("dcn_v2", config=DCNv2Config)``) and validated like the rest.
+    """
 
     name: str = "dlrm"
     embedding_dim: int = 16
     tables: list[TableConfig] = field(default_factory=list)
-    dense_arch: list[int] = field(default_factory=lambda: [64, 16])
-    over_arch: list[int] = field(default_factory=lambda: [64, 1])
-    # Model-specific knobs that the registry passes through untouched.
-    options: dict[str, Any] = field(default_factory=dict)
+    # Empty: one binary task per data.label_columns entry.
+    tasks: list[TaskConfig] = field(default_factory=list)
+    # Named subsets of the table features for models that treat them apart (wide vs deep).
+    feature_groups: dict[str, list[str]] = field(default_factory=dict)
+    arch: Any = None
 
     def __post_init__(self) -> None:
         _require(self.embedding_dim > 0, "model.embedding_dim", "must be a positive integer")
@@ -119,12 +162,36 @@ class ModelConfig:
         feats = [f for t in self.tables for f in t.features]
         dup = sorted({f for f in feats if feats.count(f) > 1})
         _require(not dup, "model.tables", f"features {dup} map to several tables; map each feature once")
-        _require(all(d > 0 for d in self.dense_arch + self.over_arch), "model.dense_arch/over_arch",
-                 "layer sizes must be positive integers")
+        for i, task in enumerate(self.tasks):
+            task.validate(f"model.tasks[{i}]")
+        tnames = [t.name for t in self.tasks]
+        dup = sorted({n for n in tnames if tnames.count(n) > 1})
+        _require(not dup, "model.tasks", f"task names {dup} repeat; give each task a unique name")
+        known = set(feats)
+        for group, members in self.feature_groups.items():
+            _require(bool(members), f"model.feature_groups.{group}", "list at least one feature")
+            missing = [f for f in members if f not in known]
+            _require(not missing, f"model.feature_groups.{group}",
+                     f"features {missing} are not looked up by any table; tables use {sorted(known)}")
+        self.arch = _resolve_arch(self.name, self.arch)
+        for group in getattr(self.arch, "feature_groups", ()):
+            _require(group in self.feature_groups, f"model.feature_groups.{group}",
+                     f"model {self.name!r} needs this group; add `{group} = [...]` under [model.feature_groups]")
 
     @property
     def feature_names(self) -> list[str]:
         return [f for t in self.tables for f in t.features]
+
+
+def _resolve_arch(model_name: str, raw: Any) -> Any:
+    """The registered model's typed arch config, built from the raw `[model.arch]` table."""
+    from models.registry import arch_config_class  # the registry imports the model files
+
+    cls = arch_config_class(model_name)
+    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+        _require(isinstance(raw, cls), "model.arch", f"expected {cls.__name__} for model {model_name!r}")
+        return raw
+    return _build(cls, raw if raw is not None else {}, "model.arch")
 
 
 @dataclass
@@ -169,9 +236,12 @@ class OptimizerConfig:
     embedding: str = "rowwise_adagrad"
     embedding_lr: float = 0.05
     embedding_eps: float = 1e-8
+    # L2 penalty on the embedding rows a step touches (FBGEMM's fused optimizers apply it in
+    # the backward kernel); the usual cure for small click logs that overfit their id tables.
+    embedding_weight_decay: float = 0.0
     dense: str = "adam"
     dense_lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # dense parameters
     warmup_steps: int = 0
     # After warmup: "none" keeps the base LR, "linear"/"cosine" decay to min_lr_ratio * base
     # by the end of training.
@@ -185,6 +255,8 @@ class OptimizerConfig:
         _one_of(self.decay, ("none", "linear", "cosine"), "optimizer.decay")
         _require(self.embedding_lr > 0, "optimizer.embedding_lr", "must be > 0")
         _require(self.dense_lr > 0, "optimizer.dense_lr", "must be > 0")
+        _require(self.embedding_weight_decay >= 0, "optimizer.embedding_weight_decay", "must be >= 0")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
         _require(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", "must be within [0, 1]")
         _require(self.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0 disables)")
@@ -217,10 +289,22 @@ class EvalConfig:
     every_steps: int = 0  # 0: only at the end
     at_end: bool = True
     max_batches: int = 0  # 0: the whole eval set (exact metrics need it)
+    # The metric that defines the best evaluation, for early stopping and checkpoint.keep_best:
+    # "auc", "logloss", ... (the first task's), or "<task>.<metric>" / "serving.<metric>".
+    best_metric: str = ""
+    # Stop training after this many evaluations without improving best_metric (0: never).
+    patience: int = 0
+    min_delta: float = 0.0  # improvements smaller than this do not count
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
         _require(self.max_batches >= 0, "eval.max_batches", "must be >= 0")
+        _require(self.patience >= 0, "eval.patience", "must be >= 0 (0 disables early stopping)")
+        _require(self.min_delta >= 0, "eval.min_delta", "must be >= 0")
+        _require(not self.patience or bool(self.best_metric), "eval.patience",
+                 "early stopping needs eval.best_metric, e.g. \"auc\"")
+        _require(not self.patience or self.every_steps > 0, "eval.patience",
+                 "early stopping needs periodic evaluation; set eval.every_steps")
 
 
 @dataclass
@@ -230,6 +314,9 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto: latest complete checkpoint in dir, if any; never: start fresh
     at_end: bool = True
+    # Also keep the checkpoint of the best evaluation by eval.best_metric (saved at that
+    # evaluation, exempt from keep_last, recorded in <checkpoint dir>/best.json).
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
@@ -256,6 +343,16 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        labels = self.data.label_columns
+        if not self.model.tasks:
+            self.model.tasks = [TaskConfig(name=c, label=c) for c in labels]
+            for i, task in enumerate(self.model.tasks):
+                task.validate(f"model.tasks[{i}]")
+        for i, task in enumerate(self.model.tasks):
+            _require(task.label in labels, f"model.tasks[{i}].label",
+                     f"label column {task.label!r} is not in data.label_columns {labels}; add it there")
+        _require(not self.checkpoint.keep_best or bool(self.eval.best_metric), "checkpoint.keep_best",
+                 "needs eval.best_metric (the metric that defines best), e.g. \"auc\"")
         sparse = set(self.data.sparse_columns)
         for i, table in enumerate(self.model.tables):
             for f in table.features:
@@ -287,12 +384,20 @@ def _build(cls: type, raw: Any, key: str) -> Any:
     if dataclasses.is_dataclass(cls):
         _require(isinstance(raw, dict), key or "config", f"expected a table, got {type(raw).__name__}")
         hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(raw) - names)
-        _require(not unknown, f"{key + '.' if key else ''}{unknown[0] if unknown else ''}",
-                 f"unknown key; valid keys here are {', '.join(sorted(names))}")
+        if unknown:
+            dotted = f"{key + '.' if key else ''}{unknown[0]}"
+            moved = _MOVED_KEYS.get(dotted)
+            _require(False, dotted, f"moved to {moved}" if moved else
+                     f"unknown key; valid keys here are {', '.join(sorted(names))}")
         kwargs = {n: _build(hints[n], v, f"{key}.{n}" if key else n) for n, v in raw.items()}
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a model's arch config validates itself without importing this module
+            raise ConfigError(str(e)) from None
     if origin is list:
         (item,) = typing.get_args(cls)
         _require(isinstance(raw, list), key, f"expected a list, got {raw!r}")

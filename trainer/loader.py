@@ -37,6 +37,6 @@ def padded_batches(loader: DataLoader, steps: int, stream: ParquetStream) -> Ite
             return
         yield batch
         produced += 1
-    pad = padding_batch(len(schema.dense_columns), schema.feature_names, len(schema.label_columns), schema.weighted)
+    pad = padding_batch(schema.num_dense, schema.feature_names, len(schema.label_columns), schema.weighted)
     for _ in range(steps - produced):
         yield pad

@@ -19,11 +19,12 @@ from trainer.config import OptimizerConfig
 
 def _embedding_optimizer(cfg: OptimizerConfig):
     """The unfused twin of the fused embedding optimizer, for data-parallel tables."""
+    decay = cfg.embedding_weight_decay
     if cfg.embedding == "rowwise_adagrad":
-        return lambda params: RowWiseAdagrad(params, lr=cfg.embedding_lr, eps=cfg.embedding_eps)
+        return lambda params: RowWiseAdagrad(params, lr=cfg.embedding_lr, eps=cfg.embedding_eps, weight_decay=decay)
     if cfg.embedding == "adam":
-        return lambda params: torch.optim.Adam(params, lr=cfg.embedding_lr, eps=cfg.embedding_eps)
-    return lambda params: torch.optim.SGD(params, lr=cfg.embedding_lr)
+        return lambda params: torch.optim.Adam(params, lr=cfg.embedding_lr, eps=cfg.embedding_eps, weight_decay=decay)
+    return lambda params: torch.optim.SGD(params, lr=cfg.embedding_lr, weight_decay=decay)
 
 
 def _dense_optimizer(cfg: OptimizerConfig):

@@ -26,6 +26,7 @@ class TrainState:
     data: list[dict] = field(default_factory=list)  # per rank reader cursor
     rng: list[str] = field(default_factory=list)  # per rank, base64 pickled
     config: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)  # BestTracker state (eval.best_metric)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

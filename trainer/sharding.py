@@ -9,6 +9,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -26,12 +27,17 @@ _FUSED_OPTIMIZERS = {
 
 
 def fused_params(cfg: RunConfig) -> dict:
-    """FBGEMM fused-optimizer settings: the embedding update runs inside the backward kernel."""
-    return {
+    """FBGEMM fused-optimizer settings: the embedding update runs inside the backward kernel
+    (with L2 weight decay on the rows a step touches, when configured)."""
+    params = {
         "optimizer": _FUSED_OPTIMIZERS[cfg.optimizer.embedding],
         "learning_rate": cfg.optimizer.embedding_lr,
         "eps": cfg.optimizer.embedding_eps,
     }
+    if cfg.optimizer.embedding_weight_decay:
+        params["weight_decay"] = cfg.optimizer.embedding_weight_decay
+        params["weight_decay_mode"] = WeightDecayMode.L2
+    return params
 
 
 def make_sharders(cfg: RunConfig, device_type: str = "cuda") -> list:

@@ -16,45 +16,21 @@ import torch
 import torch.distributed as dist
 
 from data.batch import Batch
-from data.parquet import ParquetStream
-from data.schema import COUNTER_NAMES, Schema
-from models import build_model
-from models.registry import ModelInputs
+from data.schema import COUNTER_NAMES
+from models.tasks import resolve_metric
+from trainer.best import BestTracker
+from trainer.build import build_sharded_model, build_stream
 from trainer.checkpoint import Checkpointer
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max, init_distributed
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate, lookup_metric
 from trainer.loader import make_loader, padded_batches
 from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
 from trainer.run_state import TrainState, capture_rng, restore_rng, seed_everything
-from trainer.sharding import format_plan_rows, plan_rows, shard_model
-from trainer.train_module import TrainModule
+from trainer.sharding import format_plan_rows, plan_rows
 
 log = logging.getLogger("rectrain")
-
-
-def build_stream(cfg: RunConfig, schema: Schema, ctx: DistContext, path: str, train: bool) -> ParquetStream:
-    return ParquetStream(
-        path, schema,
-        batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
-        rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
-        shuffle=train, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows, seed=cfg.data.seed,
-    )
-
-
-def build_unsharded_model(cfg: RunConfig):
-    """(the meta-device RecModel, the data schema it reads)."""
-    schema = Schema.from_config(cfg.data, cfg.model)
-    inputs = ModelInputs(len(cfg.data.dense_columns), tuple(cfg.data.label_columns), schema.weighted)
-    return build_model(cfg.model, inputs), schema
-
-
-def build_sharded_model(cfg: RunConfig, ctx: DistContext):
-    """(DMP-wrapped TrainModule, the unwrapped RecModel, the sharding plan, the schema)."""
-    rec_model, schema = build_unsharded_model(cfg)
-    model, plan = shard_model(TrainModule(rec_model), cfg, ctx.device)
-    return model, rec_model, plan, schema
 
 
 class Trainer:
@@ -78,8 +54,11 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.logger = RunLogger(cfg.log_dir, self.run_dir, self.ctx.is_main, cfg.logging.tensorboard)
         self.state = TrainState(world_size=self.ctx.world_size, config=cfg.to_dict())
-        self._window = _Window(len(self.schema.features))
+        self.tasks = self.rec_model.tasks
+        self._window = _Window(len(self.schema.features), len(self.tasks))
         self.rank_samples = 0  # real samples this rank trained on (summed across ranks when saved)
+        self.best = _best_tracker(cfg, self.tasks)
+        self._task_weights = torch.tensor([t.weight for t in self.tasks])
 
     # ------------------------------------------------------------------ checkpoints
     def app_state(self) -> dict:
@@ -89,11 +68,17 @@ class Trainer:
         self.state.samples = sum(all_gather_objects(self.rank_samples))
         self.state.data = all_gather_objects(self.train_stream.state_dict())
         self.state.rng = all_gather_objects(capture_rng())
+        self.state.best = self.best.state_dict() if self.best else {}
         state = self.app_state()
         state["train_state"] = self.state.to_json()
-        path = self.checkpointer.save(self.state.step, state)
+        path = self.checkpointer.save(self.state.step, state, keep=self._best_checkpoint())
         log.info("saved checkpoint %s", path)
         return path
+
+    def _best_checkpoint(self) -> Path | None:
+        if not (self.best and self.cfg.checkpoint.keep_best and self.best.state.value is not None):
+            return None
+        return self.checkpointer.directory / f"step_{self.best.state.step:08d}"
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint in the checkpoint dir, if any."""
@@ -108,6 +93,8 @@ class Trainer:
         saved = TrainState.from_json(state["train_state"])
         self.state.step, self.state.epoch = saved.step, saved.epoch
         self.rank_samples = saved.samples if self.ctx.is_main else 0
+        if self.best:
+            self.best.load_state_dict(saved.best)
         if saved.world_size == self.ctx.world_size:
             self.state.step_in_epoch = saved.step_in_epoch
             self.train_stream.load_state_dict(saved.data[self.ctx.rank])
@@ -128,7 +115,7 @@ class Trainer:
         self._describe()
         final_metrics: dict = {}
         stopped = False
-        while self.state.step < self.total_steps and not stopped:
+        while self.state.step < self.total_steps and not stopped and not self._early_stopped():
             stopped = self._train_epoch()
         if stopped:
             log.info("stopped at step %d (train.stop_at_step); run the same command again to resume",
@@ -140,11 +127,19 @@ class Trainer:
                     (self.run_dir / "eval_final.json").write_text(json.dumps(final_metrics) + "\n")
             if self.cfg.checkpoint.at_end and not self._saved_at(self.state.step):
                 self.save()
-            self.logger.hparams(_flat_hparams(self.cfg), {k: v for k, v in final_metrics.items()
-                                                        if isinstance(v, float)})
+            self.logger.hparams(_flat_hparams(self.cfg), _flatten_metrics(final_metrics))
         self.logger.close()
         samples = sum(all_gather_objects(self.rank_samples))
-        return {"step": self.state.step, "samples_trained": samples, "stopped": stopped, **final_metrics}
+        result = {"step": self.state.step, "samples_trained": samples, "stopped": stopped,
+                  "early_stopped": self._early_stopped(), **final_metrics}
+        if self.best and self.best.state.value is not None:
+            best_ckpt = self._best_checkpoint()
+            result["best"] = {"metric": self.best.metric, "value": self.best.state.value,
+                              "step": self.best.state.step, "checkpoint": str(best_ckpt) if best_ckpt else None}
+        return result
+
+    def _early_stopped(self) -> bool:
+        return bool(self.best and self.best.should_stop)
 
     def _train_epoch(self) -> bool:
         """Train to the end of the epoch (or of the run); True when stopped by train.stop_at_step."""
@@ -154,24 +149,33 @@ class Trainer:
         batches = padded_batches(loader, remaining, self.train_stream)
         progress = self._progress_bar()
         self.model.train()
-        for batch, loss in self._steps(batches):
+        for batch, task_losses in self._steps(batches):
             self.train_stream.advance(batch)
             self.state.step += 1
             self.state.step_in_epoch += 1
-            self._window.add(batch, loss)
+            self._window.add(batch, task_losses, self._task_weights)
             self.rank_samples += batch.batch_size if batch.slot >= 0 else 0
             progress.update(1)
             step = self.state.step
             if step % cfg.train.log_every == 0 or step == self.total_steps:
                 self._log_train(step)
+            saved = False
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != self.total_steps:
-                self.run_eval()
-            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == cfg.train.stop_at_step:
+                saved = self._track_best(step, self.run_eval())
+            if not saved and ((cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+                              or step == cfg.train.stop_at_step):
                 self.save()
             if step == cfg.train.stop_at_step:
                 progress.close()
                 return True
+            if self._early_stopped():
+                log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.5f at "
+                         "step %d)", step, self.best.metric, self.best.patience, self.best.state.value,
+                         self.best.state.step)
+                break
         progress.close()
+        if self._early_stopped():
+            return False
         if self.state.step_in_epoch >= self.steps_per_epoch:
             self.state.epoch += 1
             self.state.step_in_epoch = 0
@@ -179,7 +183,7 @@ class Trainer:
         return False
 
     def _steps(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
-        """(batch, loss) per optimizer step. GPU: TrainPipelineSparseDist overlaps the input
+        """(batch, task losses [T]) per optimizer step. GPU: TrainPipelineSparseDist overlaps the input
         all-to-all of batch i+1 with batch i's compute. CPU: a plain loop."""
         if self.ctx.device.type == "cuda":
             yield from self._pipelined_steps(batches)
@@ -187,10 +191,10 @@ class Trainer:
         for batch in batches:
             self.schedule.apply(self.state.step)
             self.optimizer.zero_grad()
-            loss, _ = self.model(batch)
+            loss, (task_losses, *_) = self.model(batch)
             loss.backward()
             self.optimizer.step()
-            yield batch, loss.detach()
+            yield batch, task_losses
 
     def _pipelined_steps(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -210,21 +214,32 @@ class Trainer:
             while True:
                 self.schedule.apply(self.state.step)
                 try:
-                    loss, _, _, _ = pipeline.progress(feed)
+                    task_losses, _, _, _ = pipeline.progress(feed)
                 except StopIteration:
                     break
-                yield pending.popleft(), loss
+                yield pending.popleft(), task_losses
             if hasattr(pipeline, "detach"):
                 pipeline.detach()
 
     # ------------------------------------------------------------------ evaluation and logs
     def run_eval(self) -> dict:
-        metrics = evaluate(self.model, self.rec_model.tasks, self.eval_stream, self.ctx.device,
-                           self.cfg.eval.max_batches)
-        self.logger.scalars(self.state.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "eval")
+        metrics = evaluate(self.model, self.tasks, self.eval_stream, self.ctx.device, self.cfg.eval.max_batches)
+        flat = _flatten_metrics(metrics)
+        self.logger.scalars(self.state.step, flat, "eval")
         log.info("eval @ step %d: %s", self.state.step,
-                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+                 " ".join(f"{k}={v:.4f}" for k, v in flat.items() if isinstance(v, float)))
         return metrics
+
+    def _track_best(self, step: int, metrics: dict) -> bool:
+        """Update the best evaluation; with checkpoint.keep_best, save a new best at once.
+        Returns True if it saved."""
+        if not self.best or not self.best.update(step, lookup_metric(metrics, self.best.metric)):
+            return False
+        log.info("new best %s=%.5f at step %d", self.best.metric, self.best.state.value, step)
+        if self.cfg.checkpoint.keep_best:
+            self.save()
+            return True
+        return False
 
     def _log_train(self, step: int) -> None:
         w = self._window.reduce(self.ctx.device)
@@ -232,10 +247,17 @@ class Trainer:
             return
         lrs = {f"lr/{name or 'embedding'}": opt.param_groups[0]["lr"]
                for name, opt in self.optimizer.optimizers if opt.param_groups}
-        values = {"loss": w["loss"], "samples_per_sec": w["samples_per_sec"], "lr_factor": self.schedule.factor(step - 1)}
+        task_losses = {}
+        if len(self.tasks) > 1:
+            task_losses = {f"loss/{t.name}": v for t, v in zip(self.tasks, w["task_losses"])}
+        values = {"loss": w["loss"], **task_losses, "samples_per_sec": w["samples_per_sec"],
+                  "lr_factor": self.schedule.factor(step - 1)}
         self.logger.scalars(step, {**values, **lrs}, "train")
         self.logger.scalars(step, w["counters"], "data")
-        log.info("step %d/%d loss=%.5f samples/s=%.0f", step, self.total_steps, w["loss"], w["samples_per_sec"])
+        per_task = "".join(f" {k[5:]}={v:.5f}" for k, v in task_losses.items())
+        counters = " ".join(f"{k}={int(v)}" for k, v in w["counters"].items() if v)
+        log.info("step %d/%d loss=%.5f%s samples/s=%.0f%s", step, self.total_steps, w["loss"], per_task,
+                 w["samples_per_sec"], f" | data: {counters}" if counters else "")
 
     def _describe(self) -> None:
         text = format_plan_rows(plan_rows(self.plan))
@@ -256,44 +278,71 @@ class Trainer:
 
 
 class _Window:
-    """Loss, samples and id-policy counters since the last log, reduced across ranks on demand
-    (the only host sync of the loop happens at logging steps)."""
+    """Task losses, samples and data counters since the last log, reduced across ranks on
+    demand (the only host sync of the loop happens at logging steps)."""
 
-    def __init__(self, num_features: int) -> None:
+    def __init__(self, num_features: int, num_tasks: int) -> None:
         self.num_features = num_features
+        self.num_tasks = num_tasks
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum: torch.Tensor | float = 0.0
+        self.loss_sums: torch.Tensor | None = None  # [1 + T]: weighted total, then each task
         self.samples = 0
         self.id_stats = np.zeros((self.num_features, 3), dtype=np.int64)
         self.null_dense = 0
+        self.negative_dense = 0
         self.started = time.perf_counter()
 
-    def add(self, batch: Batch, loss: torch.Tensor) -> None:
+    def add(self, batch: Batch, task_losses: torch.Tensor, task_weights: torch.Tensor) -> None:
         n = batch.batch_size if batch.slot >= 0 else 0
-        self.loss_sum = self.loss_sum + loss * n
+        losses = torch.cat([(task_losses * task_weights.to(task_losses)).sum().reshape(1), task_losses])
+        sums = losses.detach().double() * n
+        self.loss_sums = sums if self.loss_sums is None else self.loss_sums + sums
         self.samples += n
         if batch.id_stats.size:
             self.id_stats += batch.id_stats
         self.null_dense += batch.null_dense
+        self.negative_dense += batch.negative_dense
 
     def reduce(self, device: torch.device) -> dict:
-        loss = self.loss_sum if isinstance(self.loss_sum, torch.Tensor) else torch.tensor(self.loss_sum)
+        losses = self.loss_sums if self.loss_sums is not None else torch.zeros(1 + self.num_tasks)
         packed = torch.cat([
-            loss.detach().double().reshape(1).to(device),
-            torch.tensor([self.samples, self.null_dense], dtype=torch.float64, device=device),
+            losses.double().to(device),
+            torch.tensor([self.samples, self.null_dense, self.negative_dense], dtype=torch.float64, device=device),
             torch.from_numpy(self.id_stats.sum(axis=0).astype(np.float64)).to(device),
         ])
         dist.all_reduce(packed)
         values = packed.tolist()
+        t = 1 + self.num_tasks
+        samples = int(values[t])
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        samples = int(values[1])
-        counters = {f"{name}_ids": values[3 + i] for i, name in enumerate(COUNTER_NAMES)}
-        counters["null_dense_values"] = values[2]
+        counters = {f"{name}_ids": values[t + 3 + i] for i, name in enumerate(COUNTER_NAMES)}
+        counters["null_dense_values"] = values[t + 1]
+        counters["negative_dense_values"] = values[t + 2]
         self.reset()
-        return {"loss": values[0] / max(samples, 1), "samples": samples, "samples_per_sec": samples / elapsed,
-                "counters": counters}
+        denom = max(samples, 1)
+        return {"loss": values[0] / denom, "task_losses": [v / denom for v in values[1:t]], "samples": samples,
+                "samples_per_sec": samples / elapsed, "counters": counters}
+
+
+def _best_tracker(cfg: RunConfig, tasks) -> BestTracker | None:
+    if not cfg.eval.best_metric:
+        return None
+    try:
+        higher = resolve_metric(tasks, cfg.eval.best_metric)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return BestTracker(cfg.eval.best_metric, higher, cfg.eval.patience, cfg.eval.min_delta)
+
+
+def _flatten_metrics(metrics: dict) -> dict[str, float]:
+    """{"auc": .., "tasks": {"click": {"auc": ..}}} -> {"auc": .., "click/auc": ..}."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for name, values in metrics.get("tasks", {}).items():
+        flat.update({f"{name}/{k}": v for k, v in values.items()})
+    flat.update({f"serving/{k}": v for k, v in metrics.get("serving", {}).items()})
+    return flat
 
 
 def _init_optimizer_state(optimizer, fused) -> None:

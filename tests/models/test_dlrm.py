@@ -15,7 +15,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 import models
 from data.batch import padding_batch
 from models.arches import MLP, DotInteraction, SparseArch
-from models.registry import MODELS, ModelInputs, RecModel, Task, build_model, register
+from models.dlrm import DLRMConfig
+from models.registry import MODELS, ModelInputs, RecModel, build_model, register
+from models.tasks import BinaryTask, RegressionTask
 from trainer.config import ModelConfig, TableConfig
 
 FEATURES = ["f_a", "f_b", "f_c"]
@@ -26,7 +28,9 @@ D = 3
 
 def _model_cfg(**kw) -> ModelConfig:
     tables = [TableConfig(name=f"t_{f}", features=[f], num_embeddings=SIZES[f]) for f in FEATURES]
-    args = dict(name="dlrm", embedding_dim=E, tables=tables, dense_arch=[8, E], over_arch=[6])
+    arch = dict(dense_arch=[8, E], over_arch=[6])
+    arch.update({k: kw.pop(k) for k in list(kw) if k in ("dense_arch", "over_arch", "dropout")})
+    args = dict(name="dlrm", embedding_dim=E, tables=tables, arch=DLRMConfig(**arch))
     args.update(kw)
     return ModelConfig(**args)
 
@@ -88,7 +92,9 @@ def test_registry_has_dlrm_and_builds_on_meta():
 @pytest.mark.parametrize("labels", [("label",), ("click", "buy")])
 def test_forward_shape(labels):
     model = _build(labels=labels)
-    out = model(torch.randn(4, D), _kjt(BAGS))
+    outputs = model(torch.randn(4, D), _kjt(BAGS))
+    assert list(outputs) == list(labels)
+    out = torch.stack(list(outputs.values()), dim=1)
     assert out.shape == (4, len(labels))
     assert torch.isfinite(out).all()
     assert [t.label_index for t in model.tasks] == list(range(len(labels)))
@@ -105,8 +111,9 @@ def test_forward_accepts_padding_batch():
     model = _build()
     pad = padding_batch(D, FEATURES, 1, weighted=False)
     out = model(pad.dense, pad.sparse)
-    assert out.shape == (1, 1)
-    assert model.loss(out, pad.labels, pad.weights).item() == 0.0
+    assert out["label"].shape == (1,)
+    total, per_task = model.loss(out, pad.labels, pad.weights)
+    assert total.item() == 0.0 and per_task.tolist() == [0.0]
 
 
 def test_kjt_key_order_does_not_matter():
@@ -114,17 +121,17 @@ def test_kjt_key_order_does_not_matter():
     dense = torch.randn(4, D)
     a = model(dense, _kjt(BAGS))
     b = model(dense, _kjt(BAGS, keys=list(reversed(FEATURES))))
-    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a["label"], b["label"])
 
 
 def test_weighted_model_uses_id_weights():
     model = _build(weighted=True)
     dense = torch.randn(4, D)
     kjt = _kjt(BAGS, weights=True)
-    out = model(dense, kjt)
-    assert out.shape == (4, 1)
+    out = model(dense, kjt)["label"]
+    assert out.shape == (4,)
     doubled = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=kjt.weights() * 2)
-    assert not torch.allclose(out, model(dense, doubled))
+    assert not torch.allclose(out, model(dense, doubled)["label"])
 
 
 def test_table_dim_mismatch_raises():
@@ -135,7 +142,7 @@ def test_table_dim_mismatch_raises():
 
 
 def test_dense_arch_last_must_equal_embedding_dim():
-    with pytest.raises(ValueError, match=r"'model\.dense_arch'.*\(8\).*\(4\)"):
+    with pytest.raises(ValueError, match=r"'model\.arch\.dense_arch'.*\(8\).*\(4\)"):
         build_model(_model_cfg(dense_arch=[16, 8]), ModelInputs(num_dense=D, label_names=("label",)))
 
 
@@ -146,7 +153,7 @@ def test_no_dense_columns_raises():
 
 def test_registry_rejects_unknown_name():
     with pytest.raises(ValueError) as e:
-        build_model(_model_cfg(name="wide_and_deep"), ModelInputs(num_dense=D, label_names=("label",)))
+        ModelConfig(name="wide_and_deep", tables=_model_cfg().tables)
     msg = str(e.value)
     assert "model.name" in msg and "'wide_and_deep'" in msg
     assert "dlrm" in msg  # lists what is registered
@@ -154,20 +161,19 @@ def test_registry_rejects_unknown_name():
 
 def test_register_twice_raises():
     with pytest.raises(ValueError, match="registered twice"):
-        register("dlrm")(lambda cfg, inputs: None)
+        register("dlrm")(lambda cfg, inputs, tasks: None)
     assert "dlrm" in MODELS
 
 
 def test_register_new_model_is_buildable():
     class Tiny(RecModel):
-        def __init__(self):
-            super().__init__()
-            self.tasks = [Task("label", 0)]
+        pass
 
     try:
-        register("tiny_for_test")(lambda cfg, inputs: Tiny())
-        m = build_model(_model_cfg(name="tiny_for_test"), ModelInputs(num_dense=1, label_names=("label",)))
+        register("tiny_for_test")(lambda cfg, inputs, tasks: Tiny(tasks))
+        m = build_model(_model_cfg(name="tiny_for_test", arch=None), ModelInputs(num_dense=1, label_names=("label",)))
         assert isinstance(m, Tiny)
+        assert [t.name for t in m.tasks] == ["label"]
     finally:
         MODELS.pop("tiny_for_test", None)
 
@@ -180,7 +186,7 @@ def test_backward_grads_reach_mlps_and_only_looked_up_rows():
     dense = torch.randn(4, D)
     labels = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
     out = model(dense, _kjt(BAGS))
-    loss = model.loss(out, labels, torch.ones(4))
+    loss, _ = model.loss(out, labels, torch.ones(4))
     loss.backward()
     for mlp in (model.dense_arch, model.over_arch):
         for layer in mlp:
@@ -275,9 +281,10 @@ def test_sparse_arch_mean_pooling():
 
 
 class _Heads(RecModel):
-    def __init__(self, tasks):
-        super().__init__()
-        self.tasks = tasks
+    """Outputs given as [B, T] in task order, as a model's heads would produce them."""
+
+    def loss_of(self, out: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.split_heads(out), labels, weights)[0]
 
 
 def _bce(logit: float, y: float) -> float:
@@ -286,24 +293,24 @@ def _bce(logit: float, y: float) -> float:
 
 
 def test_loss_is_weighted_mean_bce():
-    m = _Heads([Task("label", 0)])
+    m = _Heads([BinaryTask("label", 0)])
     logits = torch.tensor([[0.3], [-1.2], [2.0]], dtype=torch.float64)
     labels = torch.tensor([[1.0], [0.0], [0.0]], dtype=torch.float64)
-    got = m.loss(logits, labels, torch.ones(3, dtype=torch.float64)).item()
+    got = m.loss_of(logits, labels, torch.ones(3, dtype=torch.float64)).item()
     want = np.mean([_bce(0.3, 1), _bce(-1.2, 0), _bce(2.0, 0)])
     assert got == pytest.approx(want, rel=1e-12)
 
 
 def test_loss_ignores_weight_zero_rows():
-    m = _Heads([Task("click", 0), Task("buy", 1)])
+    m = _Heads([BinaryTask("click", 0), BinaryTask("buy", 1)])
     g = torch.Generator().manual_seed(3)
     real_out = torch.randn(5, 2, generator=g)
     real_y = torch.randint(0, 2, (5, 2), generator=g).float()
     pad_out = torch.randn(3, 2, generator=g) * 10
     pad_y = torch.ones(3, 2)
-    real = m.loss(real_out, real_y, torch.ones(5))
-    padded = m.loss(torch.cat([real_out, pad_out]), torch.cat([real_y, pad_y]),
-                    torch.cat([torch.ones(5), torch.zeros(3)]))
+    real = m.loss_of(real_out, real_y, torch.ones(5))
+    padded = m.loss_of(torch.cat([real_out, pad_out]), torch.cat([real_y, pad_y]),
+                       torch.cat([torch.ones(5), torch.zeros(3)]))
     torch.testing.assert_close(padded, real)
     # summed over tasks, each a mean over the real rows
     want = sum(np.mean([_bce(real_out[i, t].item(), real_y[i, t].item()) for i in range(5)]) for t in range(2))
@@ -311,29 +318,43 @@ def test_loss_ignores_weight_zero_rows():
 
 
 def test_loss_all_padding_is_zero_and_label_index_respected():
-    m = _Heads([Task("b", 1)])
+    m = _Heads([BinaryTask("b", 1)])
     out = torch.tensor([[0.5], [-0.5]])
     labels = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    assert m.loss(out, labels, torch.zeros(2)).item() == 0.0
+    assert m.loss_of(out, labels, torch.zeros(2)).item() == 0.0
     want = (_bce(0.5, 1.0) + _bce(-0.5, 0.0)) / 2
-    assert m.loss(out, labels, torch.ones(2)).item() == pytest.approx(want, rel=1e-5)
+    assert m.loss_of(out, labels, torch.ones(2)).item() == pytest.approx(want, rel=1e-5)
 
 
 def test_regression_task_mse_and_predictions():
-    m = _Heads([Task("p", 0, kind="binary"), Task("v", 1, kind="regression")])
+    m = _Heads([BinaryTask("p", 0), RegressionTask("v", 1)])
     out = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
     labels = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
-    loss = m.loss(out, labels, torch.tensor([1.0, 1.0])).item()
-    want = (_bce(0.0, 1.0) + _bce(1.0, 0.0)) / 2 + ((2 - 1) ** 2 + (-1 - 1) ** 2) / 2
-    assert loss == pytest.approx(want, rel=1e-5)
-    pred = m.predictions(out)
-    torch.testing.assert_close(pred, torch.tensor([[0.5, 2.0], [1 / (1 + np.exp(-1.0)), -1.0]], dtype=torch.float32))
+    total, per_task = m.loss(m.split_heads(out), labels, torch.tensor([1.0, 1.0]))
+    bce = (_bce(0.0, 1.0) + _bce(1.0, 0.0)) / 2
+    mse = ((2 - 1) ** 2 + (-1 - 1) ** 2) / 2
+    assert total.item() == pytest.approx(bce + mse, rel=1e-5)
+    assert per_task.tolist() == pytest.approx([bce, mse], rel=1e-5)
+    pred = m.predictions(m.split_heads(out))
+    torch.testing.assert_close(pred["p"], torch.tensor([0.5, 1 / (1 + np.exp(-1.0))], dtype=torch.float32))
+    torch.testing.assert_close(pred["v"], torch.tensor([2.0, -1.0]))
+
+
+def test_task_weights_scale_the_total_but_not_the_task_losses():
+    m = _Heads([BinaryTask("p", 0, weight=0.25), RegressionTask("v", 1, weight=3.0, loss="huber", huber_delta=1.0)])
+    out = torch.tensor([[0.0, 4.0], [1.0, 1.5]])
+    labels = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    total, per_task = m.loss(m.split_heads(out), labels, torch.ones(2))
+    bce = (_bce(0.0, 1.0) + _bce(1.0, 0.0)) / 2
+    huber = ((3.0 - 0.5) + 0.5 * 0.5 ** 2) / 2  # |err| = 3 (linear part), 0.5 (quadratic part)
+    assert per_task.tolist() == pytest.approx([bce, huber], rel=1e-5)
+    assert total.item() == pytest.approx(0.25 * bce + 3.0 * huber, rel=1e-5)
 
 
 def test_loss_gradient_zero_on_padding_rows():
-    m = _Heads([Task("label", 0)])
+    m = _Heads([BinaryTask("label", 0)])
     out = torch.randn(4, 1, requires_grad=True)
-    m.loss(out, torch.ones(4, 1), torch.tensor([1.0, 1.0, 0.0, 0.0])).backward()
+    m.loss_of(out, torch.ones(4, 1), torch.tensor([1.0, 1.0, 0.0, 0.0])).backward()
     assert (out.grad[2:] == 0).all()
     assert (out.grad[:2] != 0).all()
     expected = (torch.sigmoid(out.detach()[:2]) - 1.0) / 2  # d/dx mean BCE over 2 rows

@@ -25,6 +25,8 @@ sparse_columns = ["a", "b"]
 
 [model]
 embedding_dim = 8
+
+[model.arch]
 dense_arch = [8]
 over_arch = [4]
 
@@ -82,7 +84,7 @@ def test_criteo_config_loads():
     assert len({t.name for t in cfg.model.tables}) == 26
     assert cfg.model.embedding_dim == 128
     assert all(t.embedding_dim == 128 for t in cfg.model.tables)
-    assert cfg.model.dense_arch[-1] == 128
+    assert cfg.model.arch.dense_arch[-1] == 128
     sizes = {t.name: t.num_embeddings for t in cfg.model.tables}
     assert sizes["t_cat_0"] == 45833188
     assert sizes["t_cat_5"] == 3
@@ -106,7 +108,7 @@ def test_overrides_take_effect_with_right_types():
     cfg = load_config(
         CONFIGS / "dlrm_synth.toml",
         ["train.epochs=3", "sharding.tables.t_cat_0.type=column_wise", 'data.train_path="x"',
-         "optimizer.dense_lr=1", "logging.tensorboard=false", "model.dense_arch=[32, 16]"],
+         "optimizer.dense_lr=1", "logging.tensorboard=false", "model.arch.dense_arch=[32, 16]"],
     )
     assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
     assert isinstance(cfg.sharding.tables["t_cat_0"], TableSharding)
@@ -118,7 +120,7 @@ def test_overrides_take_effect_with_right_types():
     # an int literal for a float field becomes a float
     assert cfg.optimizer.dense_lr == 1.0 and type(cfg.optimizer.dense_lr) is float
     assert cfg.logging.tensorboard is False
-    assert cfg.model.dense_arch == [32, 16]
+    assert cfg.model.arch.dense_arch == [32, 16]
 
 
 def test_override_bare_word_is_a_string():
@@ -299,3 +301,102 @@ def test_embedding_dim_zero_inherits_model_dim(tmp_path):
     assert [t.embedding_dim for t in cfg.model.tables] == [8, 4]  # ta: 0 -> 8; tb keeps 4
     cfg = load_config(p, ["model.embedding_dim=32"])
     assert [t.embedding_dim for t in cfg.model.tables] == [32, 4]
+
+
+# --------------------------------------------------------------------------- model contract: arch, tasks, groups
+
+
+def test_arch_is_the_models_typed_config():
+    from models.dlrm import DLRMConfig
+
+    cfg = load_config(CONFIGS / "dlrm_synth.toml")
+    assert isinstance(cfg.model.arch, DLRMConfig)
+    assert cfg.model.arch.dense_arch == [64, 16]
+    assert cfg.to_dict()["model"]["arch"]["over_arch"] == [128, 64]
+
+
+def test_old_arch_keys_say_where_they_moved(tmp_path):
+    text = MINIMAL.replace("[model.arch]\n", "")
+    with pytest.raises(ConfigError, match=r"'model\.dense_arch': moved to model\.arch\.dense_arch"):
+        load_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("assignment, key", [
+    ("model.arch.dropout=1.5", "model.arch.dropout"),
+    ("model.arch.dense_arch=[]", "model.arch.dense_arch"),
+    ("model.arch.bogus=1", "model.arch.bogus"),
+    ("model.arch.dense_arch=\"x\"", "model.arch.dense_arch"),
+])
+def test_arch_errors_name_the_dotted_key(tmp_path, assignment, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, MINIMAL), [assignment])
+    msg = str(e.value)
+    assert f"'{key}'" in msg and "\n" not in msg
+
+
+def test_unknown_model_name_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"'model\.name': unknown model 'nope'.*dlrm"):
+        load_config(_write(tmp_path, MINIMAL), ["model.name=nope"])
+
+
+def test_default_tasks_are_one_binary_task_per_label(tmp_path):
+    cfg = load_config(_write(tmp_path, MINIMAL), ['data.label_columns=["click", "buy"]'])
+    assert [(t.name, t.label, t.kind, t.loss, t.weight) for t in cfg.model.tasks] == [
+        ("click", "click", "binary", "bce", 1.0), ("buy", "buy", "binary", "bce", 1.0)]
+
+
+def test_tasks_from_toml(tmp_path):
+    text = MINIMAL + """
+[[model.tasks]]
+name = "click"
+weight = 2.0
+
+[[model.tasks]]
+name = "stars"
+label = "rating"
+kind = "regression"
+loss = "huber"
+serving_weight = 0.1
+"""
+    cfg = load_config(_write(tmp_path, text), ['data.label_columns=["click", "rating"]'])
+    click, stars = cfg.model.tasks
+    assert (click.label, click.kind, click.loss, click.weight) == ("click", "binary", "bce", 2.0)
+    assert (stars.label, stars.kind, stars.loss, stars.serving_weight) == ("rating", "regression", "huber", 0.1)
+
+
+@pytest.mark.parametrize("task, key", [
+    ('{name = "x", kind = "ranking"}', "model.tasks[0].kind"),
+    ('{name = "label", loss = "huber"}', "model.tasks[0].loss"),
+    ('{name = "x", label = "nope"}', "model.tasks[0].label"),
+    ('{name = "label", weight = -1.0}', "model.tasks[0].weight"),
+])
+def test_task_errors(tmp_path, task, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, MINIMAL), [f"model.tasks=[{task}]"])
+    assert f"'{key}'" in str(e.value)
+
+
+def test_feature_groups_must_name_table_features(tmp_path):
+    with pytest.raises(ConfigError, match=r"'model\.feature_groups\.wide'.*\['zz'\]"):
+        load_config(_write(tmp_path, MINIMAL), ['model.feature_groups.wide=["a", "zz"]'])
+    cfg = load_config(_write(tmp_path, MINIMAL), ['model.feature_groups.wide=["a"]'])
+    assert cfg.model.feature_groups == {"wide": ["a"]}
+
+
+def test_early_stopping_and_keep_best_need_a_metric(tmp_path):
+    with pytest.raises(ConfigError, match=r"'eval\.patience'.*best_metric"):
+        load_config(_write(tmp_path, MINIMAL), ["eval.patience=2", "eval.every_steps=10"])
+    with pytest.raises(ConfigError, match=r"'eval\.patience'.*every_steps"):
+        load_config(_write(tmp_path, MINIMAL), ["eval.patience=2", "eval.best_metric=auc"])
+    with pytest.raises(ConfigError, match=r"'checkpoint\.keep_best'.*best_metric"):
+        load_config(_write(tmp_path, MINIMAL), ["checkpoint.keep_best=true"])
+
+
+def test_dense_missing_and_embedding_weight_decay(tmp_path):
+    cfg = load_config(_write(tmp_path, MINIMAL), ["data.dense_missing=indicator",
+                                                  "optimizer.embedding_weight_decay=1e-5"])
+    assert cfg.data.dense_missing == "indicator" and cfg.optimizer.embedding_weight_decay == 1e-5
+    with pytest.raises(ConfigError, match=r"'data\.dense_missing'"):
+        load_config(_write(tmp_path, MINIMAL), ["data.dense_missing=mean"])
+    with pytest.raises(ConfigError, match=r"'optimizer\.embedding_weight_decay'"):
+        load_config(_write(tmp_path, MINIMAL), ["optimizer.embedding_weight_decay=-1"])

@@ -1,4 +1,4 @@
-"""trainer/metrics.py in one process (no process group): AUC, logloss, NE, calibration."""
+"""models/metrics.py in one process (no process group): AUC, logloss, NE, calibration."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.metrics import BinaryTaskMetrics, RegressionTaskMetrics, metrics_for
+from models.metrics import BinaryTaskMetrics, RegressionTaskMetrics, metrics_for
 
 CPU = torch.device("cpu")
 

@@ -59,20 +59,67 @@ class BinaryTaskMetrics:
         return out
 
 
+class ScoreAUC:
+    """AUC of any ranking score (not necessarily a probability) against 0/1 labels; exact
+    across ranks. torchmetrics squashes scores outside [0, 1] with a sigmoid, which keeps
+    their order, so the AUC is that of the raw score."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.auroc = BinaryAUROC(thresholds=None).to(device)
+        self.count = 0
+
+    def update(self, scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+        self.auroc.update(scores[mask].float(), labels[mask].long())
+        self.count += int(mask.sum())
+
+    def compute(self) -> float:
+        return float(self.auroc.compute())
+
+
+class _LabelMoments(Metric):
+    """Sum of y and y^2 across ranks: the label variance is the MSE of the best constant."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("count", "y_sum", "y2_sum"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, labels: torch.Tensor) -> None:
+        y = labels.double()
+        self.count += y.numel()
+        self.y_sum += y.sum()
+        self.y2_sum += (y * y).sum()
+
+    def compute(self) -> float:
+        n = float(self.count)
+        if n == 0:
+            return float("nan")
+        mean = float(self.y_sum) / n
+        return max(float(self.y2_sum) / n - mean * mean, 0.0)
+
+
 class RegressionTaskMetrics:
-    """MSE and MAE, summed across ranks."""
+    """MSE and MAE, summed across ranks, plus the label variance (the MSE a constant
+    prediction at the label mean would get), so every report shows the baseline."""
 
     def __init__(self, device: torch.device) -> None:
         self.mse = MeanSquaredError().to(device)
         self.mae = MeanAbsoluteError().to(device)
+        self.moments = _LabelMoments().to(device)
 
     def update(self, outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
         self.mse.update(outputs[mask], labels[mask])
         self.mae.update(outputs[mask], labels[mask])
+        self.moments.update(labels[mask])
 
     def compute(self) -> dict[str, float]:
+        n = int(self.mse.total)
+        if n == 0:
+            return {"mse": float("nan"), "mae": float("nan"), "label_variance": float("nan"), "num_samples": 0}
         return {"mse": float(self.mse.compute()), "mae": float(self.mae.compute()),
-                "num_samples": int(self.mse.total)}
+                "label_variance": self.moments.compute(), "num_samples": n}
 
 
 def metrics_for(kind: str, device: torch.device):

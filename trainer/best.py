@@ -1,0 +1,43 @@
+"""The best evaluation so far by `eval.best_metric`: drives early stopping and keep-best
+checkpoints. Its state travels in the checkpoint, so a resumed run keeps counting."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class BestState:
+    value: float | None = None
+    step: int = 0
+    evals_since_best: int = 0
+
+
+class BestTracker:
+    def __init__(self, metric: str, higher_is_better: bool, patience: int = 0, min_delta: float = 0.0) -> None:
+        self.metric = metric
+        self.higher_is_better = higher_is_better
+        self.patience = patience
+        self.min_delta = min_delta
+        self.state = BestState()
+
+    def update(self, step: int, value: float) -> bool:
+        """Record an evaluation; True if it is the new best. NaN never is."""
+        best = self.state.value
+        gain = (value - best if self.higher_is_better else best - value) if best is not None else math.inf
+        if not math.isnan(value) and gain > self.min_delta:
+            self.state = BestState(value, step, 0)
+            return True
+        self.state.evals_since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.state.evals_since_best >= self.patience
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = BestState(**state) if state else BestState()
