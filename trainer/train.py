@@ -6,17 +6,14 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import time
 from collections import deque
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from data.batch import Batch
-from data.schema import COUNTER_NAMES
 from models.tasks import resolve_metric
 from trainer.best import BestTracker
 from trainer.build import build_sharded_model, build_stream
@@ -29,6 +26,7 @@ from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
 from trainer.run_state import TrainState, capture_rng, restore_rng, seed_everything
 from trainer.sharding import format_plan_rows, plan_rows
+from trainer.window import LogWindow
 
 log = logging.getLogger("rectrain")
 
@@ -55,10 +53,11 @@ class Trainer:
         self.logger = RunLogger(cfg.log_dir, self.run_dir, self.ctx.is_main, cfg.logging.tensorboard)
         self.state = TrainState(world_size=self.ctx.world_size, config=cfg.to_dict())
         self.tasks = self.rec_model.tasks
-        self._window = _Window(len(self.schema.features), len(self.tasks))
+        self._window = LogWindow(len(self.schema.features), len(self.tasks))
         self.rank_samples = 0  # real samples this rank trained on (summed across ranks when saved)
         self.best = _best_tracker(cfg, self.tasks)
         self._task_weights = torch.tensor([t.weight for t in self.tasks])
+        self._last_eval: tuple[int, dict] | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def app_state(self) -> dict:
@@ -159,11 +158,10 @@ class Trainer:
             step = self.state.step
             if step % cfg.train.log_every == 0 or step == self.total_steps:
                 self._log_train(step)
-            saved = False
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != self.total_steps:
-                saved = self._track_best(step, self.run_eval())
-            if not saved and ((cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
-                              or step == cfg.train.stop_at_step):
+                self.run_eval()
+            if ((cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+                    or step == cfg.train.stop_at_step) and not self._saved_at(step):
                 self.save()
             if step == cfg.train.stop_at_step:
                 progress.close()
@@ -223,23 +221,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and logs
     def run_eval(self) -> dict:
+        """Evaluate the current model (once per step) and track the best evaluation."""
+        step = self.state.step
+        if self._last_eval is not None and self._last_eval[0] == step:
+            return self._last_eval[1]
         metrics = evaluate(self.model, self.tasks, self.eval_stream, self.ctx.device, self.cfg.eval.max_batches)
+        self._last_eval = (step, metrics)
         flat = _flatten_metrics(metrics)
-        self.logger.scalars(self.state.step, flat, "eval")
-        log.info("eval @ step %d: %s", self.state.step,
-                 " ".join(f"{k}={v:.4f}" for k, v in flat.items() if isinstance(v, float)))
+        self.logger.scalars(step, flat, "eval")
+        log.info("eval @ step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in flat.items() if isinstance(v, float)))
+        self._track_best(step, metrics)
         return metrics
 
-    def _track_best(self, step: int, metrics: dict) -> bool:
-        """Update the best evaluation; with checkpoint.keep_best, save a new best at once.
-        Returns True if it saved."""
+    def _track_best(self, step: int, metrics: dict) -> None:
+        """Update the best evaluation; with checkpoint.keep_best, save a new best at once and
+        record it in <checkpoint dir>/best.json."""
         if not self.best or not self.best.update(step, lookup_metric(metrics, self.best.metric)):
-            return False
+            return
         log.info("new best %s=%.5f at step %d", self.best.metric, self.best.state.value, step)
         if self.cfg.checkpoint.keep_best:
-            self.save()
-            return True
-        return False
+            path = self.save()
+            if self.ctx.is_main:
+                record = {"metric": self.best.metric, "value": self.best.state.value, "step": step,
+                          "checkpoint": str(path), "metrics": metrics}
+                (self.checkpointer.directory / "best.json").write_text(json.dumps(record) + "\n")
 
     def _log_train(self, step: int) -> None:
         w = self._window.reduce(self.ctx.device)
@@ -275,55 +280,6 @@ class Trainer:
     def _saved_at(self, step: int) -> bool:
         latest = self.checkpointer.latest()
         return latest is not None and latest.name == f"step_{step:08d}"
-
-
-class _Window:
-    """Task losses, samples and data counters since the last log, reduced across ranks on
-    demand (the only host sync of the loop happens at logging steps)."""
-
-    def __init__(self, num_features: int, num_tasks: int) -> None:
-        self.num_features = num_features
-        self.num_tasks = num_tasks
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sums: torch.Tensor | None = None  # [1 + T]: weighted total, then each task
-        self.samples = 0
-        self.id_stats = np.zeros((self.num_features, 3), dtype=np.int64)
-        self.null_dense = 0
-        self.negative_dense = 0
-        self.started = time.perf_counter()
-
-    def add(self, batch: Batch, task_losses: torch.Tensor, task_weights: torch.Tensor) -> None:
-        n = batch.batch_size if batch.slot >= 0 else 0
-        losses = torch.cat([(task_losses * task_weights.to(task_losses)).sum().reshape(1), task_losses])
-        sums = losses.detach().double() * n
-        self.loss_sums = sums if self.loss_sums is None else self.loss_sums + sums
-        self.samples += n
-        if batch.id_stats.size:
-            self.id_stats += batch.id_stats
-        self.null_dense += batch.null_dense
-        self.negative_dense += batch.negative_dense
-
-    def reduce(self, device: torch.device) -> dict:
-        losses = self.loss_sums if self.loss_sums is not None else torch.zeros(1 + self.num_tasks)
-        packed = torch.cat([
-            losses.double().to(device),
-            torch.tensor([self.samples, self.null_dense, self.negative_dense], dtype=torch.float64, device=device),
-            torch.from_numpy(self.id_stats.sum(axis=0).astype(np.float64)).to(device),
-        ])
-        dist.all_reduce(packed)
-        values = packed.tolist()
-        t = 1 + self.num_tasks
-        samples = int(values[t])
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        counters = {f"{name}_ids": values[t + 3 + i] for i, name in enumerate(COUNTER_NAMES)}
-        counters["null_dense_values"] = values[t + 1]
-        counters["negative_dense_values"] = values[t + 2]
-        self.reset()
-        denom = max(samples, 1)
-        return {"loss": values[0] / denom, "task_losses": [v / denom for v in values[1:t]], "samples": samples,
-                "samples_per_sec": samples / elapsed, "counters": counters}
 
 
 def _best_tracker(cfg: RunConfig, tasks) -> BestTracker | None:

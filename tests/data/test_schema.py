@@ -187,6 +187,29 @@ def test_log1p_transform_is_sign_preserving():
     expected_d1 = [0.0, np.log(3.0), np.log(6.0), -np.log(1.5)]  # null filled with 0 first
     torch.testing.assert_close(b.dense, torch.tensor(np.stack([expected_d0, expected_d1], 1), dtype=torch.float32))
     assert b.null_dense == 1
+    assert b.negative_dense == 2  # -3.0 and -0.5 were folded by sign, and counted
+
+
+def test_negative_dense_is_not_counted_without_log1p():
+    table = pa.table({"label": [0, 1], "d0": [-1.0, 2.0], "d1": [-3.0, -4.0], "s": [1, 2],
+                      "m": pa.array([[1], [2]], pa.list_(pa.int64()))})
+    b = table_to_batch(table, _schema(), "w")
+    assert b.negative_dense == 0
+    torch.testing.assert_close(b.dense, torch.tensor([[-1.0, -3.0], [2.0, -4.0]]))
+
+
+def test_missing_indicator_appends_one_flag_per_dense_column():
+    table = pa.table({
+        "label": [0, 1, 0], "d0": pa.array([None, 0.0, 5.0], pa.float32()), "d1": pa.array([2.0, 3.0, 4.0]),
+        "s": [1, 2, 3], "m": pa.array([[1]] * 3, pa.list_(pa.int64())),
+    })
+    schema = _schema(dense_missing="indicator", dense_transform="log1p")
+    assert schema.num_dense == 4
+    b = table_to_batch(table, schema, "w")
+    # a missing value and a real 0 look the same in the value columns; the flags tell them apart
+    want = [[0.0, np.log(3.0), 1.0, 0.0], [0.0, np.log(4.0), 0.0, 0.0], [np.log(6.0), np.log(5.0), 0.0, 0.0]]
+    torch.testing.assert_close(b.dense, torch.tensor(want, dtype=torch.float32))
+    assert b.null_dense == 1
 
 
 def test_no_dense_columns():

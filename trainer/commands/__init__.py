@@ -1,0 +1,5 @@
+"""One file per `rectrain` verb: each has `add_parser(sub)` and `run(args) -> int`."""
+
+from trainer.commands import data, demo, eval, plan, train
+
+COMMANDS = {"data": data, "train": train, "eval": eval, "plan": plan, "demo": demo}

@@ -1,0 +1,76 @@
+"""`rectrain data ...`: synthesize, inspect and convert click logs to Parquet."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    data = sub.add_parser("data", help="synthesize, inspect or convert Parquet click logs")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+
+    synth = data_sub.add_parser("synth", help="write a synthetic click log with a planted signal")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--rows", type=int, required=True)
+    synth.add_argument("--schema", default="criteo",
+                       help="criteo: Criteo-shaped, one label; multitask: click, like and watch_time")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--files", type=int, default=1)
+    synth.add_argument("--row-group-rows", type=int, default=8192)
+
+    inspect = data_sub.add_parser("inspect", help="schema, row counts, id ranges and nulls per column")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    criteo = data_sub.add_parser("criteo", help="convert Criteo TSV (Kaggle train.txt, 1TB day_N[.gz]) to Parquet")
+    criteo.add_argument("--src", required=True, help="a file or a directory of day files")
+    criteo.add_argument("--out", required=True)
+    criteo.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    criteo.add_argument("--row-group-rows", type=int, default=65536)
+    criteo.add_argument("--rows-per-file", type=int, default=4_000_000)
+    criteo.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    movielens = data_sub.add_parser("movielens", help="a multi-task click log from a MovieLens release")
+    movielens.add_argument("--src", required=True, help="e.g. ../shared/data/movielens-latest-small")
+    movielens.add_argument("--out", required=True)
+    movielens.add_argument("--test-fraction", type=float, default=0.2,
+                           help="each user's latest fraction of ratings goes to eval")
+    movielens.add_argument("--max-tags", type=int, default=20)
+
+
+def run(args) -> int:
+    return {"synth": _synth, "inspect": _inspect, "criteo": _criteo, "movielens": _movielens}[args.data_command](args)
+
+
+def _synth(args) -> int:
+    from data.synth import write_synthetic
+
+    paths = write_synthetic(args.out, args.rows, seed=args.seed, files=args.files,
+                            row_group_rows=args.row_group_rows, schema=args.schema)
+    print(f"wrote {args.rows} rows ({args.schema} schema) to {len(paths)} file(s) under {args.out}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from data.inspect import format_report, inspect_dataset
+
+    report = inspect_dataset(args.path)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _criteo(args) -> int:
+    from data.criteo import convert_criteo, format_criteo_report
+
+    report = convert_criteo(args.src, args.out, workers=args.workers, row_group_rows=args.row_group_rows,
+                            rows_per_file=args.rows_per_file, progress=not args.json)
+    print(json.dumps(report) if args.json else format_criteo_report(report))
+    return 0
+
+
+def _movielens(args) -> int:
+    from data.movielens import convert_movielens
+
+    report = convert_movielens(args.src, args.out, test_fraction=args.test_fraction, max_tags=args.max_tags)
+    print(json.dumps(report, default=str))
+    return 0

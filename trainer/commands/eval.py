@@ -1,0 +1,57 @@
+"""`rectrain eval`: evaluate a checkpoint at any world size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.commands.common import add_config_args
+from trainer.config import ConfigError, load_config
+
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate a checkpoint at any world size")
+    add_config_args(ev)
+    ev.add_argument("--checkpoint", required=True, help="a step_<N> directory or a checkpoints directory (latest)")
+    ev.add_argument("--data", default=None, help="eval data (default: data.eval_path)")
+    ev.add_argument("--out", default=None, help="JSON file to write (default: <run_dir>/eval/<checkpoint>.json)")
+
+
+def _evaluate_checkpoint(cfg, ckpt: Path, data: str, out: str | None) -> None:
+    import torch.distributed as dist
+
+    from trainer.build import build_sharded_model, build_stream, load_model_weights
+    from trainer.distributed import init_distributed
+    from trainer.evaluate import evaluate
+    from trainer.logger import setup_console
+
+    ctx = init_distributed(cfg.train.device)
+    setup_console(ctx.rank)
+    model, rec_model, _, schema = build_sharded_model(cfg, ctx)
+    load_model_weights(model, ckpt)
+    stream = build_stream(cfg, schema, ctx, data, train=False)
+    metrics = evaluate(model, rec_model.tasks, stream, ctx.device, cfg.eval.max_batches)
+    result = {**metrics, "checkpoint": str(ckpt), "data": data, "world_size": ctx.world_size}
+    if ctx.is_main:
+        path = Path(out) if out else Path(cfg.train.run_dir) / "eval" / f"{ckpt.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(result)
+        path.write_text(line + "\n")
+        print(line)
+    dist.barrier()
+
+
+def run(args) -> int:
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.distributed import shutdown
+
+    cfg = load_config(args.config, args.overrides)
+    data = args.data or cfg.data.eval_path
+    if not data:
+        raise ConfigError("no eval data: pass --data PATH or set data.eval_path")
+    ckpt = resolve_checkpoint(args.checkpoint)
+    try:
+        _evaluate_checkpoint(cfg, ckpt, data, args.out)  # the sharded model is unreferenced after this
+    finally:
+        shutdown()
+    return 0
