@@ -58,3 +58,29 @@ def sets(**values) -> list[str]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+MOVIELENS = ROOT.parent / "shared" / "data" / "movielens-latest-small"
+
+
+@pytest.fixture(scope="session")
+def multitask_data(tmp_path_factory) -> dict[str, Path]:
+    """60k train rows in 3 files and 8k eval rows of the multi-task synthetic log."""
+    from data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("multitask")
+    write_synthetic(root / "train", 60_000, seed=0, files=3, row_group_rows=4096, schema="multitask")
+    write_synthetic(root / "eval", 8_000, seed=1, files=1, row_group_rows=4096, schema="multitask")
+    return {"train": root / "train", "eval": root / "eval"}
+
+
+@pytest.fixture(scope="session")
+def movielens_data(tmp_path_factory) -> dict[str, Path]:
+    """The real MovieLens ml-latest-small, converted once per session (skipped if absent)."""
+    if not (MOVIELENS / "ratings.csv").is_file():
+        pytest.skip(f"MovieLens data not found at {MOVIELENS}")
+    from data.movielens import convert_movielens
+
+    root = tmp_path_factory.mktemp("movielens")
+    convert_movielens(MOVIELENS, root)
+    return {"train": root / "train", "eval": root / "eval", "root": root}
