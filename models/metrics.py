@@ -92,12 +92,13 @@ class _LabelMoments(Metric):
         self.y_sum += y.sum()
         self.y2_sum += (y * y).sum()
 
-    def compute(self) -> float:
+    def compute(self) -> tuple[int, float]:
+        """(samples, label variance), both over all ranks."""
         n = float(self.count)
         if n == 0:
-            return float("nan")
+            return 0, float("nan")
         mean = float(self.y_sum) / n
-        return max(float(self.y2_sum) / n - mean * mean, 0.0)
+        return int(n), max(float(self.y2_sum) / n - mean * mean, 0.0)
 
 
 class RegressionTaskMetrics:
@@ -115,12 +116,9 @@ class RegressionTaskMetrics:
         self.moments.update(labels[mask])
 
     def compute(self) -> dict[str, float]:
-        n = int(self.mse.total)
+        # Counts come from a synced compute: a metric's own state attributes stay rank-local.
+        n, variance = self.moments.compute()
         if n == 0:
             return {"mse": float("nan"), "mae": float("nan"), "label_variance": float("nan"), "num_samples": 0}
         return {"mse": float(self.mse.compute()), "mae": float(self.mae.compute()),
-                "label_variance": self.moments.compute(), "num_samples": n}
-
-
-def metrics_for(kind: str, device: torch.device):
-    return BinaryTaskMetrics(device) if kind == "binary" else RegressionTaskMetrics(device)
+                "label_variance": variance, "num_samples": n}

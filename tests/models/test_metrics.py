@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import BinaryTaskMetrics, RegressionTaskMetrics, metrics_for
+from models.metrics import BinaryTaskMetrics, RegressionTaskMetrics, ScoreAUC
 
 CPU = torch.device("cpu")
 
@@ -152,5 +152,15 @@ def test_regression_metrics_and_factory():
     assert r["num_samples"] == 3
     assert r["mse"] == pytest.approx((0.25 + 0 + 9) / 3, rel=1e-6)
     assert r["mae"] == pytest.approx((0.5 + 0 + 3) / 3, rel=1e-6)
-    assert isinstance(metrics_for("binary", CPU), BinaryTaskMetrics)
-    assert isinstance(metrics_for("regression", CPU), RegressionTaskMetrics)
+    # the MSE of the best constant (the label mean) over the unmasked rows: the baseline to beat
+    assert r["label_variance"] == pytest.approx(float(np.var([1.5, 2.0, 1.0])), rel=1e-6)
+
+
+def test_score_auc_takes_any_score_scale():
+    labels = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])
+    scores = torch.tensor([-3.0, 0.5, 2.0, 7.0, 0.4])  # not probabilities
+    mask = torch.tensor([True, True, True, True, False])
+    m = ScoreAUC(CPU)
+    m.update(scores, labels, mask)
+    # pairs (pos, neg) over the 4 unmasked rows: (0.5>-3) (0.5<2) (7>-3) (7>2) -> 3/4
+    assert m.compute() == pytest.approx(0.75)

@@ -49,6 +49,7 @@ def test_multitask_model_learns_every_task(config, multitask_data, tmp_path):
 def test_mmoe_learns_every_task_and_its_checkpoint_evaluates_identically_on_one_rank(multitask_data, tmp_path):
     result = _train("mmoe_synth.toml", multitask_data, tmp_path)
     _assert_learned_every_task(result, 0.70)
+    assert all(m["num_samples"] == 8_000 for m in result["tasks"].values())  # every task, all ranks
     out = tmp_path / "eval_one_rank.json"
     run_rectrain(["eval", "--config", str(ROOT / "configs" / "mmoe_synth.toml"),
                   *sets(data__eval_path=str(multitask_data["eval"]), train__run_dir=str(tmp_path)),
