@@ -1,13 +1,37 @@
-"""A Criteo-shaped synthetic click log with a planted, learnable signal.
+"""Synthetic click logs with a planted, learnable signal: ``schema="criteo"`` (the default) or
+``schema="multitask"``.
 
-Columns: ``label`` (0/1), ``dense_0..dense_12`` (non-negative, heavy-tailed counts with a few
-nulls, like Criteo's integer features), ``cat_0..cat_25`` (int64 ids drawn from a Zipf law per
-feature; ``cat_23..cat_25`` are multi-hot ``list<int64>`` with 1-5 ids).
+Criteo schema. Columns: ``label`` (0/1), ``dense_0..dense_12`` (non-negative, heavy-tailed
+counts with a few nulls, like Criteo's integer features), ``cat_0..cat_25`` (int64 ids drawn from
+a Zipf law per feature; ``cat_23..cat_25`` are multi-hot ``list<int64>`` with 1-5 ids).
 
 The click probability is ``sigmoid(bias + dense effect + per-id effects + one pairwise
 interaction)``. The planted effects depend only on ``signal_seed`` (fixed by default), so a
 train and an eval set written with different ``--seed`` share the same ground truth. DLRM with
 the demo config reaches a test AUC above 0.9 after one epoch over 200k rows (0.70 is the bar).
+
+Multitask schema. Labels ``click`` (0/1, ~30%), ``like`` (0/1, only ever 1 on a click, ~40% of
+clicks) and ``watch_time`` (float32 >= 0: exactly 0 without a click, lognormal-ish otherwise);
+``dense_0..dense_7`` (float32, standard normal, ~1% nulls); ``cat_0..cat_11`` (int64 Zipf ids,
+vocabularies in ``MULTITASK_VOCAB``; ``cat_10`` and ``cat_11`` are ``list<int64>`` with 1-5 ids).
+Three latent factors give the tasks something to share and something to specialise on:
+
+- ``a`` (cat_0, cat_1, cat_10) drives click and like,
+- ``b`` (cat_2, cat_3, dense_0, dense_1) drives click and watch_time,
+- ``c`` (cat_4, cat_5, cat_11) drives like and watch_time,
+- and each task has a private term: cat_6 for click, cat_7 for like, dense_2/dense_3 for watch_time.
+  cat_8, cat_9 and dense_4..dense_7 are pure noise.
+
+Each factor is a sum of per-id effects (N(0, 0.75) per id; a multi-hot bag averages its ids),
+plus ``0.5 dense_0 - 0.4 dense_1`` in ``b``; the factors have a standard deviation of ~1.1-1.3.
+``P(click) = sigmoid(-1.35 + a + b + click_only)``; given a click,
+``P(like) = sigmoid(-1.1 + a + c + like_only)`` and
+``watch_time = exp(1.2 + 0.2 (b + c) + 0.3 dense_2 - 0.2 dense_3 + 0.25 noise)``, else 0. A
+click's watch time has mean ~4.4 and variance ~7 (max ~40 in 50k rows); over all rows, zeros
+included, the mean is ~1.3 and the variance ~6. The hurdle shape (zero, or lognormal around a
+feature-driven mean) is what real watch-time targets look like, and a model that predicts
+``P(click) * E[watch_time | click]`` fits it. Id effects are centred on their Zipf-weighted mean,
+so the base rates hardly move with ``signal_seed``.
 """
 
 from __future__ import annotations
@@ -17,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from data.schema import DataError
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -30,6 +56,26 @@ VOCAB_SIZES = (
 SIGNAL_FEATURES = (0, 1, 3, 4, 5, 7, 13, 16, 19, 21, 23, 25)
 ZIPF_EXPONENT = 1.1
 
+SCHEMAS = ("criteo", "multitask")
+
+MULTITASK_LABELS = ("click", "like", "watch_time")
+MULTITASK_DENSE = tuple(f"dense_{i}" for i in range(8))
+MULTITASK_VOCAB = {
+    "cat_0": 5000, "cat_1": 2000, "cat_2": 3000, "cat_3": 500, "cat_4": 1000, "cat_5": 200,
+    "cat_6": 100, "cat_7": 50, "cat_8": 20, "cat_9": 4000, "cat_10": 1000, "cat_11": 300,
+}
+MULTITASK_SPARSE = tuple(MULTITASK_VOCAB)
+MULTITASK_MULTI_HOT = ("cat_10", "cat_11")
+# Latent factor -> the sparse features whose id effects add up to it; b also takes a dense term.
+MULTITASK_FACTORS = {
+    "a": ("cat_0", "cat_1", "cat_10"),
+    "b": ("cat_2", "cat_3"),
+    "c": ("cat_4", "cat_5", "cat_11"),
+    "click_only": ("cat_6",),
+    "like_only": ("cat_7",),
+}
+MULTITASK_EFFECT_SD = 0.75
+
 
 def dense_columns() -> list[str]:
     return [f"dense_{i}" for i in range(NUM_DENSE)]
@@ -39,16 +85,25 @@ def sparse_columns() -> list[str]:
     return [f"cat_{i}" for i in range(NUM_SPARSE)]
 
 
+def _zipf_cdf(vocab: int) -> np.ndarray:
+    p = 1.0 / np.arange(1, vocab + 1) ** ZIPF_EXPONENT
+    return np.cumsum(p / p.sum())
+
+
+def _draw_ids(cdf: np.ndarray, id_of_rank: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`size` ids: a Zipf rank per draw, then the (shuffled) id holding that rank."""
+    ranks = np.searchsorted(cdf, rng.random(size), side="right")
+    ranks = np.minimum(ranks, len(cdf) - 1)
+    return id_of_rank[ranks].astype(np.int64)
+
+
 class _PlantedModel:
     """The ground truth: Zipf samplers and effects per feature, fixed by `signal_seed`."""
 
     def __init__(self, signal_seed: int) -> None:
         rng = np.random.default_rng(signal_seed)
         self.id_of_rank = [rng.permutation(v) for v in VOCAB_SIZES]
-        self.cdf = []
-        for v in VOCAB_SIZES:
-            p = 1.0 / np.arange(1, v + 1) ** ZIPF_EXPONENT
-            self.cdf.append(np.cumsum(p / p.sum()))
+        self.cdf = [_zipf_cdf(v) for v in VOCAB_SIZES]
         self.effects = [
             rng.normal(0.0, 0.9 if i in SIGNAL_FEATURES else 0.0, size=v) for i, v in enumerate(VOCAB_SIZES)
         ]
@@ -58,13 +113,25 @@ class _PlantedModel:
         self.pair_w = 0.6
 
     def sample_ids(self, feature: int, size: int, rng: np.random.Generator) -> np.ndarray:
-        ranks = np.searchsorted(self.cdf[feature], rng.random(size), side="right")
-        ranks = np.minimum(ranks, VOCAB_SIZES[feature] - 1)
-        return self.id_of_rank[feature][ranks].astype(np.int64)
+        return _draw_ids(self.cdf[feature], self.id_of_rank[feature], size, rng)
 
 
-def synthesize_table(rows: int, seed: int, signal_seed: int = 2024) -> pa.Table:
-    """`rows` samples as one Arrow table."""
+def _check_positive(flag: str, value: int) -> None:
+    # "must be positive" is the phrase callers (and tests) match on.
+    if value <= 0:
+        raise DataError(f"{flag} must be positive (an integer >= 1), got {value}")
+
+
+def synthesize_table(rows: int, seed: int, signal_seed: int = 2024, schema: str = "criteo") -> pa.Table:
+    """`rows` samples of `schema` ("criteo" or "multitask") as one Arrow table."""
+    _check_positive("--rows", rows)
+    if schema not in SCHEMAS:
+        raise DataError(f"unknown synthetic schema {schema!r}; choose one of {', '.join(SCHEMAS)}")
+    make = _criteo_table if schema == "criteo" else _multitask_table
+    return make(rows, seed, signal_seed)
+
+
+def _criteo_table(rows: int, seed: int, signal_seed: int) -> pa.Table:
     truth = _PlantedModel(signal_seed)
     rng = np.random.default_rng([seed, 7])
     logit = np.full(rows, -1.6)
@@ -100,14 +167,75 @@ def synthesize_table(rows: int, seed: int, signal_seed: int = 2024) -> pa.Table:
     return pa.table({"label": pa.array(label), **columns})
 
 
+class _MultitaskTruth:
+    """The multitask ground truth: Zipf samplers and centred id effects, fixed by `signal_seed`."""
+
+    def __init__(self, signal_seed: int) -> None:
+        rng = np.random.default_rng([signal_seed, 1])
+        factor_of = {f: k for k, feats in MULTITASK_FACTORS.items() for f in feats}
+        self.id_of_rank, self.cdf, self.effects = {}, {}, {}
+        for name, vocab in MULTITASK_VOCAB.items():
+            self.id_of_rank[name] = rng.permutation(vocab)
+            self.cdf[name] = _zipf_cdf(vocab)
+            effect = rng.normal(0.0, MULTITASK_EFFECT_SD if name in factor_of else 0.0, vocab)
+            # Centre on the mean a drawn id contributes, so the biases alone set the base rates.
+            weight = np.diff(self.cdf[name], prepend=0.0)
+            effect -= weight @ effect[self.id_of_rank[name]]
+            self.effects[name] = effect
+        self.factor_of = factor_of
+
+    def sample_ids(self, name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+        return _draw_ids(self.cdf[name], self.id_of_rank[name], size, rng)
+
+
+def _multitask_table(rows: int, seed: int, signal_seed: int) -> pa.Table:
+    truth = _MultitaskTruth(signal_seed)
+    rng = np.random.default_rng([seed, 11])
+    factors = {k: np.zeros(rows) for k in MULTITASK_FACTORS}
+    columns: dict[str, pa.Array] = {}
+
+    z = rng.normal(0.0, 1.0, (len(MULTITASK_DENSE), rows))
+    for name, values in zip(MULTITASK_DENSE, z):
+        # The effects use the true value; a null only hides it from the model, as in real logs.
+        columns[name] = pa.array(values.astype(np.float32), mask=rng.random(rows) < 0.01)
+    factors["b"] += 0.5 * z[0] - 0.4 * z[1]
+
+    for name in MULTITASK_SPARSE:
+        if name in MULTITASK_MULTI_HOT:
+            lengths = rng.integers(1, 6, rows)
+            ids = truth.sample_ids(name, int(lengths.sum()), rng)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            effect = np.add.reduceat(truth.effects[name][ids], offsets[:-1]) / lengths
+            columns[name] = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(ids))
+        else:
+            ids = truth.sample_ids(name, rows, rng)
+            effect = truth.effects[name][ids]
+            columns[name] = pa.array(ids)
+        if name in truth.factor_of:
+            factors[truth.factor_of[name]] += effect
+
+    a, b, c = factors["a"], factors["b"], factors["c"]
+    click = rng.random(rows) < _sigmoid(-1.35 + a + b + factors["click_only"])
+    like = click & (rng.random(rows) < _sigmoid(-1.1 + a + c + factors["like_only"]))
+    log_watch = 1.2 + 0.2 * (b + c) + 0.3 * z[2] - 0.2 * z[3] + 0.25 * rng.normal(0.0, 1.0, rows)
+    watch_time = np.where(click, np.exp(log_watch), 0.0).astype(np.float32)
+    labels = {"click": pa.array(click.astype(np.int64)), "like": pa.array(like.astype(np.int64)),
+              "watch_time": pa.array(watch_time)}
+    return pa.table({**labels, **columns})
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
 def write_synthetic(out: str | Path, rows: int, seed: int = 0, files: int = 1,
-                    row_group_rows: int = 8192, signal_seed: int = 2024) -> list[Path]:
-    """Write `rows` samples into `files` Parquet files under `out`; returns the paths."""
-    if rows <= 0 or files <= 0:
-        raise ValueError(f"--rows ({rows}) and --files ({files}) must be positive")
+                    row_group_rows: int = 8192, signal_seed: int = 2024, schema: str = "criteo") -> list[Path]:
+    """Write `rows` samples of `schema` into `files` Parquet files under `out`; returns the paths."""
+    _check_positive("--rows", rows)
+    _check_positive("--files", files)
+    table = synthesize_table(rows, seed, signal_seed, schema)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = synthesize_table(rows, seed, signal_seed)
     paths = []
     for k in range(files):
         lo, hi = rows * k // files, rows * (k + 1) // files

@@ -12,6 +12,7 @@ DMP's ``to_empty()`` + ``reset_parameters()`` initializes every parameter.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -92,7 +93,7 @@ class LevelGates:
     shared: torch.Tensor | None = None
 
 
-class MultiTaskModel(RecModel):
+class MultiTaskModel(RecModel, metaclass=ABCMeta):
     """The shared input arch and the per-task towers; subclasses turn the shared input [B, N]
     into one [B, H_k] input per task (`task_inputs`)."""
 
@@ -120,10 +121,10 @@ class MultiTaskModel(RecModel):
             MLP(n, [*tower_arch, 1], last_linear=True, device=META, dropout=dropout) for n in in_features
         )
 
+    @abstractmethod
     def task_inputs(self, shared: torch.Tensor, gates: list | None = None) -> list[torch.Tensor]:
         """Shared input [B, N] -> one tower input per task, in task order. When `gates` is a
         list, one :class:`LevelGates` per level of experts is appended to it."""
-        raise NotImplementedError
 
     def heads(self, task_inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {t.name: tower(h).squeeze(-1) for t, tower, h in zip(self.tasks, self.towers, task_inputs)}
