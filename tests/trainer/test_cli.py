@@ -80,3 +80,37 @@ def test_fused_adam_on_cpu_is_a_one_line_error():
                 "--set", "optimizer.embedding=adam")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "optimizer.embedding" in proc.stderr and "sgd" in proc.stderr
+
+
+def _criteo_line(label, ints, cats) -> str:
+    return "\t".join([str(label), *("" if v is None else str(v) for v in ints), *(c or "" for c in cats)])
+
+
+def test_data_criteo_converts_counts_bad_lines_and_feeds_dlrm_criteo_small(tmp_path):
+    import pyarrow.parquet as pq
+
+    good = [_criteo_line(i % 2, [i, None, -1] + [3] * 10, ["68fd1e64", ""] + ["0000000a"] * 24) for i in range(40)]
+    lines = good[:10] + ["1\t2\t3"] + good[10:] + [_criteo_line(0, ["x"] + [1] * 12, ["00000001"] * 26)]
+    (tmp_path / "day_0").write_text("\n".join(lines) + "\n")
+    proc = _cli("data", "criteo", "--src", str(tmp_path / "day_0"), "--out", str(tmp_path / "pq"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["rows"] == 40 and report["malformed"] == 2
+    assert [b["line"] for b in report["files"][0]["bad_lines"]] == [11, 42]
+    table = pq.read_table(tmp_path / "pq")
+    assert table.num_rows == 40
+    assert table.column("cat_0").to_pylist()[0] == 0x68FD1E64 and table.column("cat_1").null_count == 40
+    # the converter's output is what the Criteo configs read: their columns exist with the right types
+    proc = _cli("data", "inspect", str(tmp_path / "pq"), "--json")
+    columns = json.loads(proc.stdout)["columns"]
+    from trainer.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "dlrm_criteo_small.toml")
+    for c in cfg.data.label_columns + cfg.data.dense_columns + cfg.data.sparse_columns:
+        assert c in columns, c
+
+
+def test_data_synth_rejects_zero_rows_in_one_line(tmp_path):
+    proc = _cli("data", "synth", "--out", str(tmp_path / "x"), "--rows", "0")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--rows" in proc.stderr
