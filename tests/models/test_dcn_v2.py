@@ -4,20 +4,19 @@ the MLPerf config. CPU only, no process group."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torchrec.modules.crossnet import LowRankCrossNet
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.cross import CrossNet, FullRankCrossLayer, LowRankCrossLayer, MixtureCrossLayer
 from models.dcn_v2 import DCNv2Config
 from models.dlrm_dcnv2 import DLRMDCNv2Config
 from models.registry import MODELS, ArchConfigError, ModelInputs, build_model
+from tests.models.helpers import kjt, materialize
 from trainer.config import ConfigError, ModelConfig, TableConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,30 +160,9 @@ def test_cross_net_rejects_bad_arguments():
 # --------------------------------------------------------------------------- initialization as DMP does it
 
 
-@contextlib.contextmanager
-def _nan_filled_memory():
-    """`to_empty()` then fills new memory with NaN, so anything left uninitialized shows."""
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev_det)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-
-
 def _dmp_materialize(module: nn.Module, seed: int) -> nn.Module:
-    """What DistributedModelParallel does to a meta-device module: allocate with `to_empty`, then
-    call `reset_parameters()` on every submodule that has one."""
-    torch.manual_seed(seed)
-    with _nan_filled_memory():
-        module.to_empty(device="cpu")
-    for m in module.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return module
+    """DMP's materialization (to_empty + reset_parameters) with NaN in new memory; tables untouched."""
+    return materialize(module, seed, nan_fill=True, tables=False)
 
 
 def _initialized(params: dict[str, torch.Tensor]) -> list[str]:
@@ -230,14 +208,7 @@ def _model_cfg(name: str, arch, dims: dict[str, int] | None = None, embedding_di
 
 
 def _materialize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """DMP-style materialization on CPU; the (unsharded) embedding tables, whose own
-    `reset_parameters` is a no-op for a collection built on meta, get uniform weights."""
-    _dmp_materialize(model, seed)
-    for m in model.modules():
-        if isinstance(m, EmbeddingBagCollection):
-            for p in m.parameters():
-                nn.init.uniform_(p, -0.5, 0.5)
-    return model
+    return materialize(model, seed, nan_fill=True)
 
 
 def _build(name: str, arch, labels=("label",), dims=None, num_dense: int = D) -> nn.Module:
@@ -247,14 +218,8 @@ def _build(name: str, arch, labels=("label",), dims=None, num_dense: int = D) ->
 
 
 def _kjt() -> KeyedJaggedTensor:
-    bags = {"f_a": [[1], [2, 3], [], [10]], "f_b": [[0], [6], [1, 1], [2]], "f_c": [[4, 0], [], [3], [3]]}
-    values, lengths = [], []
-    for f in FEATURES:
-        for bag in bags[f]:
-            values += bag
-            lengths.append(len(bag))
-    return KeyedJaggedTensor(keys=FEATURES, values=torch.tensor(values),
-                             lengths=torch.tensor(lengths, dtype=torch.int32))
+    return kjt({"f_a": [[1], [2, 3], [], [10]], "f_b": [[0], [6], [1, 1], [2]], "f_c": [[4, 0], [], [3], [3]]},
+               FEATURES)
 
 
 def _forward_backward(model, labels):

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import padding_batch
 from models.deepfm import DeepFM, DeepFMConfig
 from models.fm import DenseFMFields, FieldProjection, TaskScales, fm_interaction, fm_second_order, linear_table_dim
 from models.registry import MODELS, ModelInputs, build_model
 from tests.conftest import ROOT
+from tests.models.helpers import kjt, materialize
 from trainer.build import build_unsharded_model
 from trainer.config import ConfigError, ModelConfig, TableConfig, load_config
 
@@ -38,39 +38,6 @@ def model_cfg(name: str = "deepfm", arch=None, feature_groups=None, **kw) -> Mod
         arch = DeepFMConfig(deep_arch=[8, 6])
     return ModelConfig(name=name, embedding_dim=E, tables=tables, arch=arch, feature_groups=feature_groups or {},
                        **kw)
-
-
-def materialize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """What DMP does, unsharded: allocate every meta parameter on CPU, then initialize it
-    (modules by their reset_parameters, embedding tables uniformly in [-0.5, 0.5])."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.is_meta:
-                m._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
-    for m in model.modules():
-        if isinstance(m, EmbeddingBagCollection):
-            for p in m.parameters():
-                nn.init.uniform_(p, -0.5, 0.5)
-        elif hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    assert not any(p.is_meta for p in model.parameters())
-    return model
-
-
-def kjt(bags: dict[str, list[list[int]]], keys=None, weights: dict[str, list[list[float]]] | None = None
-        ) -> KeyedJaggedTensor:
-    keys = list(keys or bags)
-    values, lengths, w = [], [], []
-    for k in keys:
-        for i, bag in enumerate(bags[k]):
-            values += bag
-            lengths.append(len(bag))
-            if weights is not None:
-                w += weights[k][i]
-    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.int64),
-                             lengths=torch.tensor(lengths, dtype=torch.int32),
-                             weights=torch.tensor(w) if weights is not None else None)
 
 
 def pooled(weight: torch.Tensor, bag: list[int], bag_weights: list[float] | None = None) -> torch.Tensor:

@@ -18,6 +18,8 @@ from models.arches import MLP, DotInteraction, SparseArch
 from models.dlrm import DLRMConfig
 from models.registry import MODELS, ModelInputs, RecModel, build_model, register
 from models.tasks import BinaryTask, RegressionTask
+from tests.models.helpers import kjt as _kjt
+from tests.models.helpers import materialize as _materialize
 from trainer.config import ModelConfig, TableConfig
 
 FEATURES = ["f_a", "f_b", "f_c"]
@@ -35,41 +37,9 @@ def _model_cfg(**kw) -> ModelConfig:
     return ModelConfig(**args)
 
 
-def _materialize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Allocate the meta parameters on CPU (as DistributedModelParallel does: buffers that are
-    already real, like DotInteraction's indices, are kept) and initialize them."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.is_meta:
-                m._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            m.reset_parameters()
-        if isinstance(m, EmbeddingBagCollection):
-            for p in m.parameters():
-                nn.init.uniform_(p, -0.5, 0.5)
-    assert not any(p.is_meta for p in model.parameters())
-    return model
-
-
 def _build(labels=("label",), weighted=False, **cfg_kw):
     model = build_model(_model_cfg(**cfg_kw), ModelInputs(num_dense=D, label_names=tuple(labels), weighted=weighted))
     return _materialize(model)
-
-
-def _kjt(per_feature: dict[str, list[list[int]]], keys=FEATURES, weights: bool = False) -> KeyedJaggedTensor:
-    values, lengths = [], []
-    for k in keys:
-        for bag in per_feature[k]:
-            values += bag
-            lengths.append(len(bag))
-    return KeyedJaggedTensor(
-        keys=list(keys),
-        values=torch.tensor(values, dtype=torch.int64),
-        lengths=torch.tensor(lengths, dtype=torch.int32),
-        weights=torch.rand(len(values)) if weights else None,
-    )
 
 
 BAGS = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import padding_batch
@@ -14,6 +13,8 @@ from models.multitask import LevelGates, MultiTaskModel
 from models.ple import PLE, PLEConfig
 from models.registry import ArchConfigError, ModelInputs, build_model
 from models.shared_bottom import SharedBottom, SharedBottomConfig
+from tests.models.helpers import kjt
+from tests.models.helpers import materialize as _materialize
 from trainer.config import ConfigError, ModelConfig, TableConfig, TaskConfig, config_from_dict
 
 FEATURES = ["f_a", "f_b", "f_c"]
@@ -59,24 +60,6 @@ def _model_cfg(variant: str, tasks=THREE) -> ModelConfig:
     return ModelConfig(name=name, embedding_dim=4, tables=_tables(), tasks=task_cfgs, arch=arch)
 
 
-def _materialize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """What DistributedModelParallel does to a meta model, on CPU: allocate, then initialize
-    (Linear layers by their reset_parameters, embedding tables uniformly)."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.is_meta:
-                m._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            m.reset_parameters()
-        if isinstance(m, EmbeddingBagCollection):
-            for p in m.parameters():
-                nn.init.uniform_(p, -0.5, 0.5)
-    assert not any(p.is_meta for p in model.parameters())
-    return model
-
-
 def _build(variant: str, tasks=THREE, num_dense: int = D, seed: int = 0) -> MultiTaskModel:
     labels = tuple(n for n, _ in tasks)
     model = build_model(_model_cfg(variant, tasks), ModelInputs(num_dense=num_dense, label_names=labels))
@@ -84,13 +67,7 @@ def _build(variant: str, tasks=THREE, num_dense: int = D, seed: int = 0) -> Mult
 
 
 def _kjt(keys=FEATURES) -> KeyedJaggedTensor:
-    values, lengths = [], []
-    for k in keys:
-        for bag in BAGS[k]:
-            values += bag
-            lengths.append(len(bag))
-    return KeyedJaggedTensor(keys=list(keys), values=torch.tensor(values, dtype=torch.int64),
-                             lengths=torch.tensor(lengths, dtype=torch.int32))
+    return kjt(BAGS, keys)
 
 
 def _inputs(seed: int = 0, num_dense: int = D) -> tuple[torch.Tensor, KeyedJaggedTensor]:

@@ -13,7 +13,8 @@ from models.fm import linear_table_dim
 from models.registry import MODELS, ModelInputs, build_model
 from models.wide_deep import WideDeep, WideDeepConfig
 from tests.conftest import ROOT
-from tests.models.test_deepfm import BAGS, FEATURES, SIZES, D, E, kjt, materialize, model_cfg, pooled, table
+from tests.models.helpers import kjt, materialize
+from tests.models.test_deepfm import BAGS, FEATURES, SIZES, D, E, model_cfg, pooled, table
 from trainer.build import build_unsharded_model
 from trainer.config import ConfigError, load_config
 
