@@ -95,10 +95,10 @@ def train(config: Path, train_path: Path, eval_path: Path, run: Path, nproc: int
 
 
 def summarize(result: dict) -> str:
-    tasks = result.get("tasks") or {"label": result}
+    tasks = result.get("tasks") or {"": result}  # a single-task result keeps its metrics at the top
     parts = []
     for name, m in tasks.items():
-        parts.append(f"{name} AUC {m['auc']:.3f}" if "auc" in m else
+        parts.append(f"{name} AUC {m['auc']:.3f}".strip() if "auc" in m else
                      f"{name} MSE {m['mse']:.3f} (var {m['label_variance']:.3f})")
     return ", ".join(parts)
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, run_rectrain, sets
+from tests.conftest import ROOT, read_jsonl, run_rectrain, sets
 
 pytestmark = pytest.mark.multiprocess
 
@@ -50,6 +50,11 @@ def test_mmoe_learns_every_task_and_its_checkpoint_evaluates_identically_on_one_
     result = _train("mmoe_synth.toml", multitask_data, tmp_path)
     _assert_learned_every_task(result, 0.70)
     assert all(m["num_samples"] == 8_000 for m in result["tasks"].values())  # every task, all ranks
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    train = [r for r in rows if r["prefix"] == "train"]
+    assert all(f"loss/{t}" in train[-1] for t in result["tasks"])  # per-task loss in the logs and TensorBoard
+    final = [r for r in rows if r["prefix"] == "eval"][-1]
+    assert final["click/auc"] == result["tasks"]["click"]["auc"] and "serving/auc_click" in final
     out = tmp_path / "eval_one_rank.json"
     run_rectrain(["eval", "--config", str(ROOT / "configs" / "mmoe_synth.toml"),
                   *sets(data__eval_path=str(multitask_data["eval"]), train__run_dir=str(tmp_path)),
