@@ -65,6 +65,13 @@ class DataConfig:
     shuffle_buffer_rows: int = 16384
     prefetch_factor: int = 2
     seed: int = 0
+    # A NaN or infinite dense value or label: "error" stops at startup/first read naming the file,
+    # column and row; "drop_row" leaves the row out and counts it (reported like the id counters).
+    non_finite: str = "error"
+    # Longest id list a row may have per feature: longer lists are cut to it and counted
+    # ("truncate"), or are an error naming the file, column and row ("error").
+    max_list_length: int = 10_000
+    list_overflow: str = "truncate"
 
     def __post_init__(self) -> None:
         _require(bool(self.label_columns), "data.label_columns", "list at least one label column")
@@ -77,6 +84,9 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0 (0 reads in the main process)")
         _require(self.shuffle_buffer_rows >= 0, "data.shuffle_buffer_rows", "must be >= 0 (0 disables shuffling)")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+        _one_of(self.non_finite, ("error", "drop_row"), "data.non_finite")
+        _require(self.max_list_length >= 1, "data.max_list_length", "must be >= 1")
+        _one_of(self.list_overflow, ("truncate", "error"), "data.list_overflow")
         all_cols = self.label_columns + self.dense_columns + self.sparse_columns
         dup = sorted({c for c in all_cols if all_cols.count(c) > 1})
         _require(not dup, "data", f"columns {dup} are listed in more than one role; give each one role")
@@ -275,6 +285,10 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    # A step whose loss is NaN or infinite: "error" stops the run (no checkpoint is written from
+    # it); "skip" drops the step's update, counts it, and stops once max_skipped_steps is passed.
+    non_finite_loss: str = "error"
+    max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -282,6 +296,8 @@ class TrainConfig:
         _require(self.stop_at_step >= 0, "train.stop_at_step", "must be >= 0 (0 disables)")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
         _one_of(self.device, ("auto", "cpu", "cuda"), "train.device")
+        _one_of(self.non_finite_loss, ("error", "skip"), "train.non_finite_loss")
+        _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
 
 
 @dataclass
@@ -312,16 +328,22 @@ class CheckpointConfig:
     dir: str = ""  # default: <run_dir>/checkpoints
     every_steps: int = 0  # 0: only at the end
     keep_last: int = 3
-    resume: str = "auto"  # auto: latest complete checkpoint in dir, if any; never: start fresh
+    # auto: resume from the latest complete checkpoint in dir, if any, refusing when the config
+    # changed beyond the keys that may change on resume; force: resume whatever changed;
+    # never: start fresh.
+    resume: str = "auto"
     at_end: bool = True
     # Also keep the checkpoint of the best evaluation by eval.best_metric (saved at that
     # evaluation, exempt from keep_last, recorded in <checkpoint dir>/best.json).
     keep_best: bool = False
+    # Write checkpoints in the background (DCP async save): training goes on while the files
+    # are written; still atomic (renamed only when complete).
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
         _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-        _one_of(self.resume, ("auto", "never"), "checkpoint.resume")
+        _one_of(self.resume, ("auto", "never", "force"), "checkpoint.resume")
 
 
 @dataclass
