@@ -380,6 +380,10 @@ class RunConfig:
             for f in table.features:
                 _require(f in sparse, f"model.tables[{i}].features",
                          f"feature {f!r} is not in data.sparse_columns; add it there or fix the name")
+        orphans = [c for c in self.data.sparse_columns if c not in set(self.model.feature_names)]
+        _require(not orphans, "data.sparse_columns",
+                 f"columns {orphans} have no table; add a [[model.tables]] entry whose features list them, "
+                 f"or drop them from data.sparse_columns")
         table_names = {t.name for t in self.model.tables}
         for name in self.sharding.tables:
             _require(name in table_names, f"sharding.tables.{name}",

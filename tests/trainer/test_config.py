@@ -400,3 +400,10 @@ def test_dense_missing_and_embedding_weight_decay(tmp_path):
         load_config(_write(tmp_path, MINIMAL), ["data.dense_missing=mean"])
     with pytest.raises(ConfigError, match=r"'optimizer\.embedding_weight_decay'"):
         load_config(_write(tmp_path, MINIMAL), ["optimizer.embedding_weight_decay=-1"])
+
+
+def test_sparse_column_without_a_table_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, MINIMAL), ['data.sparse_columns=["a", "b", "c"]'])
+    msg = str(e.value)
+    assert "'data.sparse_columns'" in msg and "['c']" in msg and "[[model.tables]]" in msg
