@@ -61,16 +61,16 @@ class BinaryTaskMetrics:
 
 class ScoreAUC:
     """AUC of any ranking score (not necessarily a probability) against 0/1 labels; exact
-    across ranks. torchmetrics squashes scores outside [0, 1] with a sigmoid, which keeps
-    their order, so the AUC is that of the raw score."""
+    across ranks. Scores go through one fixed order-preserving map into (0, 1) first:
+    torchmetrics decides per update() call whether to squash with a sigmoid, which would rank
+    batches on different scales, and a sigmoid would also tie large values."""
 
     def __init__(self, device: torch.device) -> None:
         self.auroc = BinaryAUROC(thresholds=None).to(device)
-        self.count = 0
 
     def update(self, scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
-        self.auroc.update(scores[mask].float(), labels[mask].long())
-        self.count += int(mask.sum())
+        x = scores[mask].double()
+        self.auroc.update(0.5 + 0.5 * x / (1.0 + x.abs()), labels[mask].long())
 
     def compute(self) -> float:
         return float(self.auroc.compute())

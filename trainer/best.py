@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class BestState:
+    metric: str = ""
+    higher_is_better: bool = True
     value: float | None = None
     step: int = 0
     evals_since_best: int = 0
@@ -20,14 +22,17 @@ class BestTracker:
         self.higher_is_better = higher_is_better
         self.patience = patience
         self.min_delta = min_delta
-        self.state = BestState()
+        self.state = self._fresh()
+
+    def _fresh(self) -> BestState:
+        return BestState(self.metric, self.higher_is_better)
 
     def update(self, step: int, value: float) -> bool:
         """Record an evaluation; True if it is the new best. NaN never is."""
         best = self.state.value
         gain = (value - best if self.higher_is_better else best - value) if best is not None else math.inf
         if not math.isnan(value) and gain > self.min_delta:
-            self.state = BestState(value, step, 0)
+            self.state = BestState(self.metric, self.higher_is_better, value, step, 0)
             return True
         self.state.evals_since_best += 1
         return False
@@ -40,4 +45,8 @@ class BestTracker:
         return asdict(self.state)
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = BestState(**state) if state else BestState()
+        """Restore a saved best; one saved for another metric (eval.best_metric changed on
+        resume) is not comparable, so tracking starts over."""
+        saved = BestState(**state) if state else None
+        same = saved is not None and (saved.metric, saved.higher_is_better) == (self.metric, self.higher_is_better)
+        self.state = saved if same else self._fresh()

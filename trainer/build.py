@@ -11,7 +11,8 @@ from data.schema import Schema
 from models import build_model
 from models.registry import ModelInputs, RecModel
 from trainer.checkpoint import Checkpointer
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig
+from trainer.config_diff import describe, eval_conflicts
 from trainer.distributed import DistContext
 from trainer.sharding import shard_model
 from trainer.train_module import TrainModule
@@ -29,6 +30,18 @@ def build_sharded_model(cfg: RunConfig, ctx: DistContext):
     rec_model, schema = build_unsharded_model(cfg)
     model, plan = shard_model(TrainModule(rec_model), cfg, ctx.device)
     return model, rec_model, plan, schema
+
+
+def check_checkpoint_config(cfg: RunConfig, checkpoint: str | Path) -> None:
+    """Refuse to read a checkpoint with a config that would interpret it differently (another
+    id policy, dense transform, table shapes, model): the numbers would be another model's."""
+    from trainer.run_state import TrainState
+
+    saved = TrainState.from_json(Checkpointer.load(checkpoint, {"train_state": ""})["train_state"])
+    conflicts = eval_conflicts(saved.config, cfg.to_dict())
+    if conflicts:
+        raise ConfigError(f"{checkpoint} was trained with another config ({describe(conflicts)}); evaluate it "
+                          f"with the config it was trained with")
 
 
 def load_model_weights(model, checkpoint: str | Path) -> None:

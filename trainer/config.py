@@ -129,6 +129,9 @@ class TaskConfig:
 
     def validate(self, key: str) -> None:
         _require(bool(self.name), f"{key}.name", "every task needs a name")
+        _require(self.name != "serving" and not any(c in self.name for c in "./ "), f"{key}.name",
+                 f"{self.name!r} cannot name a task: 'serving' is the combined score and '.', '/' and "
+                 f"spaces separate metric names; use e.g. 'click' or 'watch_time'")
         if not self.label:
             self.label = self.name
         _one_of(self.kind, TASK_KINDS, f"{key}.kind")
@@ -375,6 +378,13 @@ class RunConfig:
                      f"label column {task.label!r} is not in data.label_columns {labels}; add it there")
         _require(not self.checkpoint.keep_best or bool(self.eval.best_metric), "checkpoint.keep_best",
                  "needs eval.best_metric (the metric that defines best), e.g. \"auc\"")
+        if not self.data.eval_path:
+            for key, used in (("eval.every_steps", self.eval.every_steps), ("eval.best_metric", self.eval.best_metric),
+                              ("checkpoint.keep_best", self.checkpoint.keep_best)):
+                _require(not used, key, "needs eval data; set data.eval_path")
+        if len(self.model.tasks) > 1:
+            _require(any(t.serving_weight for t in self.model.tasks), "model.tasks",
+                     "every serving_weight is 0; give at least one task a serving_weight for the serving score")
         sparse = set(self.data.sparse_columns)
         for i, table in enumerate(self.model.tables):
             for f in table.features:

@@ -19,6 +19,7 @@ from trainer.best import BestTracker
 from trainer.build import build_sharded_model, build_stream
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, RunConfig
+from trainer.config_diff import describe, resume_conflicts
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max, init_distributed
 from trainer.evaluate import evaluate, lookup_metric
 from trainer.loader import make_loader, padded_batches
@@ -80,28 +81,43 @@ class Trainer:
         return self.checkpointer.directory / f"step_{self.best.state.step:08d}"
 
     def resume(self) -> bool:
-        """Load the latest complete checkpoint in the checkpoint dir, if any."""
+        """Load the latest complete checkpoint in the checkpoint dir, if any (checkpoint.resume:
+        auto refuses a changed config, force takes it, never refuses to mix with an old run)."""
         self.checkpointer.clean_partial()
-        path = self.checkpointer.latest() if self.cfg.checkpoint.resume == "auto" else None
+        path = self.checkpointer.latest()
         if path is None:
             return False
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            raise ConfigError(f"config key 'checkpoint.resume': is 'never' but {self.checkpointer.directory} holds "
+                              f"checkpoints up to {path.name}; choose a new train.run_dir (or checkpoint.dir), "
+                              f"delete them, or resume with 'auto'")
+        saved = TrainState.from_json(self.checkpointer.load(path, {"train_state": ""})["train_state"])
+        conflicts = resume_conflicts(saved.config, self.cfg.to_dict())
+        if conflicts and mode == "auto":
+            raise ConfigError(f"config key 'checkpoint.resume': {path} was written with another config ("
+                              f"{describe(conflicts)}); revert those keys, use a new train.run_dir, or "
+                              f"--set checkpoint.resume=force")
+        if conflicts:
+            log.warning("resuming with a changed config (checkpoint.resume=force): %s", describe(conflicts))
         _init_optimizer_state(self.optimizer, self.model.fused_optimizer)
-        state = self.checkpointer.load(path, self.app_state())
+        state = self.checkpointer.load(path, {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()})
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
-        saved = TrainState.from_json(state["train_state"])
         self.state.step, self.state.epoch = saved.step, saved.epoch
         self.rank_samples = saved.samples if self.ctx.is_main else 0
         if self.best:
             self.best.load_state_dict(saved.best)
-        if saved.world_size == self.ctx.world_size:
+        same_slots = saved.world_size == self.ctx.world_size and \
+            int(saved.data[self.ctx.rank]["num_slots"]) == self.train_stream.num_slots
+        if same_slots:
             self.state.step_in_epoch = saved.step_in_epoch
             self.train_stream.load_state_dict(saved.data[self.ctx.rank])
             restore_rng(saved.rng[self.ctx.rank])
         else:
-            log.warning("checkpoint was written by %d ranks, now %d: model and optimizer resharded; the data "
-                        "cursor restarts epoch %d from its beginning", saved.world_size, self.ctx.world_size,
-                        saved.epoch)
+            log.warning("checkpoint was written by %d ranks, now %d (or data.num_workers changed): model and "
+                        "optimizer resharded; the data cursor restarts epoch %d from its beginning",
+                        saved.world_size, self.ctx.world_size, saved.epoch)
             self.state.step_in_epoch = 0
             self.train_stream.set_epoch(saved.epoch)
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
@@ -109,16 +125,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        if not self.resume():
+        resumed = self.resume()
+        if not resumed:
             self.train_stream.set_epoch(0)
         self._describe()
         final_metrics: dict = {}
         stopped = False
+        finished_before = resumed and (self.state.step >= self.total_steps or self._early_stopped())
         while self.state.step < self.total_steps and not stopped and not self._early_stopped():
             stopped = self._train_epoch()
         if stopped:
             log.info("stopped at step %d (train.stop_at_step); run the same command again to resume",
                      self.state.step)
+        elif finished_before:
+            log.info("the run in %s already finished at step %d; nothing to do", self.run_dir, self.state.step)
+            final = self.run_dir / "eval_final.json"
+            final_metrics = json.loads(final.read_text()) if final.is_file() else {}
         else:
             if self.cfg.eval.at_end and self.eval_stream is not None:
                 final_metrics = self.run_eval()

@@ -164,3 +164,17 @@ def test_score_auc_takes_any_score_scale():
     m.update(scores, labels, mask)
     # pairs (pos, neg) over the 4 unmasked rows: (0.5>-3) (0.5<2) (7>-3) (7>2) -> 3/4
     assert m.compute() == pytest.approx(0.75)
+
+
+def test_score_auc_ranks_every_batch_on_one_scale():
+    # One batch entirely inside [0, 1], the next outside it: a per-batch sigmoid decision would
+    # rank the first batch's 0.95 above the second's 1.2.
+    m = ScoreAUC(CPU)
+    ones = torch.ones(2, dtype=torch.bool)
+    m.update(torch.tensor([0.9, 0.95]), torch.tensor([0.0, 0.0]), ones)
+    m.update(torch.tensor([1.2, 1.2]), torch.tensor([1.0, 1.0]), ones)
+    assert m.compute() == pytest.approx(1.0)
+    # large regression-like values do not tie
+    m = ScoreAUC(CPU)
+    m.update(torch.tensor([40.0, 41.0, 1000.0, 1001.0]), torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.ones(4, dtype=torch.bool))
+    assert m.compute() == pytest.approx(0.75)

@@ -33,6 +33,10 @@ def test_tracker_lower_is_better_min_delta_and_state_round_trip():
     assert u.state == t.state
     u.load_state_dict({})
     assert u.state.value is None
+    # a best saved for another metric is not comparable: start over
+    v = BestTracker("auc", higher_is_better=True)
+    v.load_state_dict(t.state_dict())
+    assert v.state.value is None and v.state.metric == "auc"
 
 
 def test_run_stops_early_and_keeps_the_best_checkpoint(tmp_path):

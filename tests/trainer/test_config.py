@@ -407,3 +407,22 @@ def test_sparse_column_without_a_table_is_an_error(tmp_path):
         load_config(_write(tmp_path, MINIMAL), ['data.sparse_columns=["a", "b", "c"]'])
     msg = str(e.value)
     assert "'data.sparse_columns'" in msg and "['c']" in msg and "[[model.tables]]" in msg
+
+
+@pytest.mark.parametrize("name", ["serving", "click.rate", "a/b", "with space"])
+def test_task_names_that_would_break_metric_names(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"'model\.tasks\[0\]\.name'"):
+        load_config(_write(tmp_path, MINIMAL), [f'model.tasks=[{{name = "{name}", label = "label"}}]'])
+
+
+@pytest.mark.parametrize("assignment, key", [("eval.every_steps=10", "eval.every_steps"),
+                                             ('eval.best_metric="auc"', "eval.best_metric")])
+def test_periodic_eval_needs_eval_data(tmp_path, assignment, key):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*data\.eval_path"):
+        load_config(_write(tmp_path, MINIMAL), [assignment])
+
+
+def test_multitask_needs_a_serving_weight(tmp_path):
+    tasks = 'model.tasks=[{name = "y1", serving_weight = 0.0}, {name = "y2", serving_weight = 0.0}]'
+    with pytest.raises(ConfigError, match=r"'model\.tasks'.*serving_weight"):
+        load_config(_write(tmp_path, MINIMAL), ['data.label_columns=["y1", "y2"]', tasks])

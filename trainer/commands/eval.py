@@ -20,13 +20,14 @@ def add_parser(sub) -> None:
 def _evaluate_checkpoint(cfg, ckpt: Path, data: str, out: str | None) -> None:
     import torch.distributed as dist
 
-    from trainer.build import build_sharded_model, build_stream, load_model_weights
+    from trainer.build import build_sharded_model, build_stream, check_checkpoint_config, load_model_weights
     from trainer.distributed import init_distributed
     from trainer.evaluate import evaluate
     from trainer.logger import setup_console
 
     ctx = init_distributed(cfg.train.device)
     setup_console(ctx.rank)
+    check_checkpoint_config(cfg, ckpt)
     model, rec_model, _, schema = build_sharded_model(cfg, ctx)
     load_model_weights(model, ckpt)
     stream = build_stream(cfg, schema, ctx, data, train=False)

@@ -1,0 +1,29 @@
+"""trainer/config_diff.py: dotted keys of what changed, and which changes matter when."""
+
+from __future__ import annotations
+
+from trainer.config import load_config
+from trainer.config_diff import changed, describe, eval_conflicts, flatten, resume_conflicts
+
+BASE = "configs/dlrm_debug.toml"
+
+
+def test_flatten_indexes_lists_of_tables():
+    flat = flatten({"model": {"tables": [{"name": "a", "pooling": "sum"}], "arch": {"x": [1, 2]}}, "z": {}})
+    assert flat == {"model.tables[0].name": "a", "model.tables[0].pooling": "sum", "model.arch.x": [1, 2], "z": {}}
+
+
+def test_pooling_change_is_an_eval_conflict_and_epochs_is_not():
+    a = load_config(BASE).to_dict()
+    b = load_config(BASE, ["train.epochs=3", "eval.max_batches=2"]).to_dict()
+    b["model"]["tables"][1]["pooling"] = "mean"
+    assert set(changed(a, b)) == {"train.epochs", "eval.max_batches", "model.tables[1].pooling"}
+    assert set(eval_conflicts(a, b)) == {"model.tables[1].pooling"}
+    assert set(resume_conflicts(a, b)) == {"model.tables[1].pooling"}
+    assert describe(eval_conflicts(a, b)) == "model.tables[1].pooling: 'sum' -> 'mean'"
+
+
+def test_describe_stays_one_line_and_short():
+    conflicts = {f"k{i}": ("x" * 100, i) for i in range(9)}
+    text = describe(conflicts)
+    assert "\n" not in text and text.endswith("and 3 more") and len(text) < 600

@@ -1,0 +1,72 @@
+"""What changed between the config a checkpoint was written with and the one in use now.
+
+Resuming a run with other hyper-parameters, or evaluating a checkpoint with another id policy
+or table shape, silently gives another run's numbers; both are refused with a one-line diff
+unless the keys are ones that may change (``MAY_CHANGE_ON_RESUME``) or the user forces it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Keys (or section prefixes) that may differ on resume without changing what the run means:
+# how long it goes on, how often it evaluates/logs/saves, where eval data lives, logging.
+MAY_CHANGE_ON_RESUME = (
+    "train.epochs", "train.max_steps", "train.stop_at_step", "train.log_every", "train.device",
+    "train.max_skipped_steps", "eval.", "logging.", "checkpoint.every_steps", "checkpoint.keep_last",
+    "checkpoint.resume", "checkpoint.async_save", "checkpoint.at_end", "data.eval_path", "data.eval_batch_size",
+    "data.prefetch_factor", "data.num_workers", "sharding.",
+)
+
+# What evaluation needs to read a checkpoint the way it was trained: the model and its inputs.
+MUST_MATCH_FOR_EVAL = (
+    "model.", "data.label_columns", "data.dense_columns", "data.sparse_columns", "data.weight_columns",
+    "data.id_policy", "data.dense_transform", "data.dense_missing", "data.max_list_length", "data.list_overflow",
+)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "t": [{"n": 2}]} -> {"a.b": 1, "t[0].n": 2}: the dotted keys of errors."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                flat.update(flatten(item, f"{dotted}[{i}]."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def changed(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs: {key: (saved, current)}."""
+    a, b = flatten(saved), flatten(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def resume_conflicts(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """Changes that alter the run's meaning (not in MAY_CHANGE_ON_RESUME)."""
+    return {k: v for k, v in changed(saved, current).items() if not _matches(k, MAY_CHANGE_ON_RESUME)}
+
+
+def eval_conflicts(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """Changes that make evaluation read the checkpoint differently from how it was trained."""
+    return {k: v for k, v in changed(saved, current).items() if _matches(k, MUST_MATCH_FOR_EVAL)}
+
+
+def describe(conflicts: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
+    """`key: old -> new; ...` on one line (long values shortened)."""
+
+    def short(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    parts = [f"{k}: {short(a)} -> {short(b)}" for k, (a, b) in list(conflicts.items())[:limit]]
+    more = len(conflicts) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
