@@ -47,20 +47,39 @@ def make_sharders(cfg: RunConfig, device_type: str = "cuda") -> list:
     return [EmbeddingBagCollectionSharder(fused_params=fused_params(cfg))]
 
 
-def make_constraints(cfg: RunConfig, device_type: str) -> dict[str, ParameterConstraints]:
+def model_tables(model: nn.Module) -> dict[str, str]:
+    """Every embedding table the (unsharded) model holds -> the `model.tables` entry it derives
+    from. Models may add tables of their own over the same features (DeepFM's `fm1_*`, Wide&Deep's
+    `wide_*`); each feature belongs to one configured table, so a table's first feature names it."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    tables = {}
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            for t in module.embedding_bag_configs():
+                tables[t.name] = t.feature_names[0]
+    return tables
+
+
+def make_constraints(cfg: RunConfig, device_type: str, model: nn.Module | None = None) -> dict[str, ParameterConstraints]:
+    """Planner constraints from `[sharding]`, for every table of `model` (a derived table follows
+    the table it derives from), or for `model.tables` alone."""
+    owner = {f: t.name for t in cfg.model.tables for f in t.features}
+    tables = ({name: owner[feature] for name, feature in model_tables(model).items()} if model is not None
+              else {t.name: t.name for t in cfg.model.tables})
     constraints = {}
-    for table in cfg.model.tables:
-        stype = cfg.sharding.type_for(table.name)
-        entry = cfg.sharding.tables.get(table.name)
+    for name, base in tables.items():
+        stype = cfg.sharding.type_for(base)
+        entry = cfg.sharding.tables.get(base)
         kernel = entry.kernel if entry else ""
         if device_type == "cpu" and stype in GPU_ONLY_TYPES:
-            key = f"sharding.tables.{table.name}.type" if entry and entry.type else "sharding.default_type"
+            key = f"sharding.tables.{base}.type" if entry and entry.type else "sharding.default_type"
             raise ConfigError(f"config key '{key}': {stype} sharding runs only on GPUs (TorchRec's CPU kernels "
                               f"lack it); on CPU use table_wise, column_wise or data_parallel")
         if device_type == "cpu" and kernel.startswith("fused_uvm"):
-            raise ConfigError(f"config key 'sharding.tables.{table.name}.kernel': {kernel} needs a GPU; use 'fused'")
+            raise ConfigError(f"config key 'sharding.tables.{base}.kernel': {kernel} needs a GPU; use 'fused'")
         if stype or kernel:
-            constraints[table.name] = ParameterConstraints(
+            constraints[name] = ParameterConstraints(
                 sharding_types=[stype] if stype else None,
                 compute_kernels=[kernel] if kernel else None,
             )
@@ -68,7 +87,7 @@ def make_constraints(cfg: RunConfig, device_type: str) -> dict[str, ParameterCon
 
 
 def make_planner(cfg: RunConfig, world_size: int, device_type: str, local_world_size: int | None = None,
-                 batch_size: int | None = None) -> EmbeddingShardingPlanner:
+                 batch_size: int | None = None, model: nn.Module | None = None) -> EmbeddingShardingPlanner:
     kwargs = {}
     if cfg.sharding.hbm_cap_gb:
         kwargs["hbm_cap"] = int(cfg.sharding.hbm_cap_gb * 2**30)
@@ -83,7 +102,7 @@ def make_planner(cfg: RunConfig, world_size: int, device_type: str, local_world_
     return EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size or cfg.data.batch_size,
-        constraints=make_constraints(cfg, device_type),
+        constraints=make_constraints(cfg, device_type, model),
     )
 
 
@@ -93,7 +112,7 @@ def shard_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> tuple
     pg = dist.GroupMember.WORLD
     world_size = dist.get_world_size()
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    planner = make_planner(cfg, world_size, device.type, local_world_size=local_world_size)
+    planner = make_planner(cfg, world_size, device.type, local_world_size=local_world_size, model=model)
     sharders = make_sharders(cfg, device.type)
     plan = planner.collective_plan(model, sharders, pg)
     dmp = DistributedModelParallel(
@@ -141,7 +160,7 @@ def dry_run(cfg: RunConfig, model: nn.Module, world_size: int, device_type: str)
     """Run the planner without a process group or training; return tables and memory per rank."""
     # The estimators read device properties only through the Topology, so planning for GPUs
     # works on a machine without them.
-    planner = make_planner(cfg, world_size, device_type)
+    planner = make_planner(cfg, world_size, device_type, model=model)
     plan = planner.plan(model, make_sharders(cfg, device_type))
     return {
         "world_size": world_size,

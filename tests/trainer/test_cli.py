@@ -114,3 +114,14 @@ def test_data_synth_rejects_zero_rows_in_one_line(tmp_path):
     proc = _cli("data", "synth", "--out", str(tmp_path / "x"), "--rows", "0")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--rows" in proc.stderr
+
+
+def test_plan_derived_tables_follow_the_sharding_of_their_base_table():
+    proc = run_rectrain(["plan", "--config", "configs/deepfm_synth.toml", "--world-size", "2", "--device", "cpu",
+                         "--json"])
+    tables = {r["table"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])["tables"]}
+    for base in ("t_cat_1", "t_cat_2", "t_cat_8"):
+        assert tables[f"fm1_{base}"]["sharding_type"] == tables[base]["sharding_type"], base
+    assert {tables[f"fm1_t_cat_{i}"]["sharding_type"] for i in range(26)} <= {"table_wise", "column_wise",
+                                                                               "data_parallel"}
+    assert tables["fm1_t_cat_2"]["sharding_type"] == "column_wise"  # [sharding.tables] t_cat_2
