@@ -66,11 +66,6 @@ class DotInteraction(nn.Module):
         return torch.cat([dense, gram[:, rows, cols]], dim=1)
 
 
-def sparse_features(ebc: EmbeddingBagCollection) -> list[str]:
-    """The collection's feature names, in table order."""
-    return [f for t in ebc.embedding_bag_configs() for f in t.feature_names]
-
-
 class FlatInputArch(nn.Module):
     """dense [B, D] + KJT -> [B, D' + sum of embedding dims]: the dense vector (through an
     optional bottom MLP, D' its last size, or raw D' = D) next to every pooled embedding,

@@ -11,17 +11,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP, FlatInputArch
 from models.cross import CrossNet
-from models.registry import ArchConfigError, ModelInputs, RecModel, embedding_bag_configs, register, require
+from models.registry import (ArchConfigError, ModelInputs, RecModel, check_dropout, check_layers,
+                             embedding_bag_configs, register, require)
 from models.tasks import Task
 
 STRUCTURES = ("stacked", "parallel")
-
-
-def check_sizes(sizes: list[int], key: str, allow_empty: bool) -> None:
-    example = "e.g. [256, 128]"
-    require(allow_empty or len(sizes) > 0, key, f"list at least one layer size, {example}")
-    require(all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes), key,
-            f"layer sizes must be positive integers, {example}; got {sizes}")
 
 
 def check_cross(cross_layers: int, low_rank: int, num_experts: int) -> None:
@@ -50,14 +44,14 @@ class DCNv2Config:
     dropout: float = 0.0  # after each hidden ReLU of the deep MLP
 
     def __post_init__(self) -> None:
-        check_sizes(self.dense_arch, "dense_arch", allow_empty=True)
+        check_layers(self.dense_arch, "dense_arch", allow_empty=True)
         check_cross(self.cross_layers, self.low_rank, self.num_experts)
-        check_sizes(self.deep_arch, "deep_arch", allow_empty=True)
+        check_layers(self.deep_arch, "deep_arch", allow_empty=True)
         require(self.structure in STRUCTURES, "structure",
                 f"got {self.structure!r}; use one of {', '.join(STRUCTURES)}")
         require(self.structure != "parallel" or bool(self.deep_arch), "deep_arch",
                 "the parallel structure needs a deep MLP beside the cross network; list its sizes, e.g. [256, 128]")
-        require(0.0 <= self.dropout < 1.0, "dropout", f"must be within [0, 1); got {self.dropout}")
+        check_dropout(self.dropout)
 
 
 @register("dcn_v2", config=DCNv2Config)

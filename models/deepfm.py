@@ -11,8 +11,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from models.arches import MLP, SparseArch
 from models.dlrm import check_uniform_dim
 from models.fm import DENSE_FM_MODES, META, DenseFMFields, LinearArch, TaskScales, fm_interaction
-from models.multitask import check_dropout, check_layers
-from models.registry import ModelInputs, RecModel, embedding_bag_configs, register, require
+from models.registry import (ModelInputs, RecModel, check_dropout, check_layers, embedding_bag_configs,
+                             register, require)
 from models.tasks import Task
 
 

@@ -9,7 +9,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP, DotInteraction, SparseArch
-from models.registry import ArchConfigError, ModelInputs, RecModel, embedding_bag_configs, register, require
+from models.registry import (ArchConfigError, ModelInputs, RecModel, check_dropout, check_layers, embedding_bag_configs,
+                             register)
 from models.tasks import Task
 
 
@@ -22,10 +23,9 @@ class DLRMConfig:
     dropout: float = 0.0  # after each hidden ReLU of the top MLP
 
     def __post_init__(self) -> None:
-        require(bool(self.dense_arch) and all(d > 0 for d in self.dense_arch), "dense_arch",
-                "list positive layer sizes, e.g. [64, 16]")
-        require(all(d > 0 for d in self.over_arch), "over_arch", "layer sizes must be positive integers")
-        require(0.0 <= self.dropout < 1.0, "dropout", "must be within [0, 1)")
+        check_layers(self.dense_arch, "dense_arch")
+        check_layers(self.over_arch, "over_arch", allow_empty=True)
+        check_dropout(self.dropout)
 
 
 def check_uniform_dim(model_cfg, name: str) -> int:

@@ -11,9 +11,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP, FlatInputArch
 from models.cross import CrossNet
-from models.dcn_v2 import check_cross, check_sizes
+from models.dcn_v2 import check_cross
 from models.dlrm import check_uniform_dim
-from models.registry import ArchConfigError, ModelInputs, RecModel, embedding_bag_configs, register, require
+from models.registry import (ArchConfigError, ModelInputs, RecModel, check_dropout, check_layers,
+                             embedding_bag_configs, register)
 from models.tasks import Task
 
 
@@ -30,10 +31,10 @@ class DLRMDCNv2Config:
     dropout: float = 0.0  # after each hidden ReLU of the top MLP
 
     def __post_init__(self) -> None:
-        check_sizes(self.dense_arch, "dense_arch", allow_empty=False)
+        check_layers(self.dense_arch, "dense_arch", allow_empty=False)
         check_cross(self.cross_layers, self.low_rank, self.num_experts)
-        check_sizes(self.over_arch, "over_arch", allow_empty=True)
-        require(0.0 <= self.dropout < 1.0, "dropout", f"must be within [0, 1); got {self.dropout}")
+        check_layers(self.over_arch, "over_arch", allow_empty=True)
+        check_dropout(self.dropout)
 
 
 @register("dlrm_dcnv2", config=DLRMDCNv2Config)

@@ -21,30 +21,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP, FlatInputArch
-from models.registry import ArchConfigError, ModelInputs, RecModel, embedding_bag_configs, require
+from models.registry import ArchConfigError, ModelInputs, RecModel, check_dropout, check_layers, embedding_bag_configs
 from models.tasks import Task
 
 META = torch.device("meta")
-
-
-# --------------------------------------------------------------------------- config helpers
-
-
-def check_layers(sizes: list[int], key: str, allow_empty: bool = False) -> None:
-    """Layer sizes: positive integers, and at least one unless `allow_empty`."""
-    example = "e.g. [64, 32]"
-    if not allow_empty:
-        require(len(sizes) > 0, key, f"list at least one layer size, {example}")
-    require(all(isinstance(s, int) and s > 0 for s in sizes), key,
-            f"layer sizes must be positive integers, {example}; got {sizes}")
-
-
-def check_count(value: int, key: str, minimum: int = 1) -> None:
-    require(isinstance(value, int) and value >= minimum, key, f"must be an integer >= {minimum}; got {value}")
-
-
-def check_dropout(value: float, key: str = "dropout") -> None:
-    require(0.0 <= value < 1.0, key, f"must be within [0, 1); got {value}")
 
 
 @dataclass

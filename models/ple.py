@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.multitask import LevelGates, MultiTaskArch, MultiTaskModel, check_count, check_layers, expert, gate, mix
-from models.registry import ModelInputs, register
+from models.multitask import LevelGates, MultiTaskArch, MultiTaskModel, expert, gate, mix
+from models.registry import ModelInputs, check_count, check_layers, register
 from models.tasks import Task
 
 

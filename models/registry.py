@@ -44,6 +44,22 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ArchConfigError(f"config key 'model.arch.{key}': {message}")
 
 
+def check_layers(sizes: list[int], key: str, allow_empty: bool = False) -> None:
+    """MLP layer sizes: positive integers, and at least one unless `allow_empty`."""
+    example = "e.g. [64, 32]"
+    require(allow_empty or len(sizes) > 0, key, f"list at least one layer size, {example}")
+    require(all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes), key,
+            f"layer sizes must be positive integers, {example}; got {sizes}")
+
+
+def check_count(value: int, key: str, minimum: int = 1) -> None:
+    require(isinstance(value, int) and value >= minimum, key, f"must be an integer >= {minimum}; got {value}")
+
+
+def check_dropout(value: float, key: str = "dropout") -> None:
+    require(0.0 <= value < 1.0, key, f"must be within [0, 1); got {value}")
+
+
 @dataclass(frozen=True)
 class ModelInputs:
     num_dense: int

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.multitask import LevelGates, MultiTaskArch, MultiTaskModel, check_layers, expert
-from models.registry import ModelInputs, register
+from models.multitask import LevelGates, MultiTaskArch, MultiTaskModel, expert
+from models.registry import ModelInputs, check_layers, register
 from models.tasks import Task
 
 

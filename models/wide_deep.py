@@ -11,8 +11,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP, FlatInputArch
 from models.fm import META, LinearArch
-from models.multitask import check_dropout, check_layers
-from models.registry import ArchConfigError, ModelInputs, RecModel, embedding_bag_configs, register
+from models.registry import (ArchConfigError, ModelInputs, RecModel, check_dropout, check_layers,
+                             embedding_bag_configs, register)
 from models.tasks import Task
 
 

@@ -61,7 +61,8 @@ def model_tables(model: nn.Module) -> dict[str, str]:
     return tables
 
 
-def make_constraints(cfg: RunConfig, device_type: str, model: nn.Module | None = None) -> dict[str, ParameterConstraints]:
+def make_constraints(cfg: RunConfig, device_type: str,
+                     model: nn.Module | None = None) -> dict[str, ParameterConstraints]:
     """Planner constraints from `[sharding]`, for every table of `model` (a derived table follows
     the table it derives from), or for `model.tables` alone."""
     owner = {f: t.name for t in cfg.model.tables for f in t.features}
