@@ -41,6 +41,10 @@ eval row's features are what a server would know when it is scored.
 Split. Each user's ratings, in that order, are cut: the latest ``ceil(test_fraction * n)`` go to
 eval, the rest to train, but every user keeps at least one train rating, so a user with a single
 rating is all train. Every eval rating of a user is therefore later than all of its train ratings.
+The cut is per user, not one global time: another user's train rows may be later than a user's
+eval rows, so movie embeddings and a later train row's movie_prior_* features can carry what
+happened after an eval event (the usual price of leave-latest-out splits; it is what lets every
+user appear in eval). A global time cut would avoid it, at the cost of users seen only in eval.
 
 Ratings of movies absent from ``movies.csv`` are kept (empty genres, null movie year) and counted
 in ``meta.json: missing_movies``; tags on movies nobody rated and that ``movies.csv`` lacks cannot
@@ -80,7 +84,8 @@ RULES = (
     f"click = 1 if rating >= {CLICK_THRESHOLD} else 0",
     "time order: (timestamp, movieId, userId, line in ratings.csv); 'before' means earlier in it",
     "split per user: latest ceil(test_fraction * n) ratings to eval, at least one kept in train "
-    "(single-rating users are all train)",
+    "(single-rating users are all train); per user, not a global time cut, so other users' train "
+    "rows may be later than an eval row",
     "prior counts and click rates: over the user's / movie's ratings before the row, full history "
     "for eval rows too; click rates null when there are none",
     "tags: distinct lower-cased, stripped tags put on the movie strictly before the rating's "
