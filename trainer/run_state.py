@@ -27,6 +27,7 @@ class TrainState:
     rng: list[str] = field(default_factory=list)  # per rank, base64 pickled
     config: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)  # BestTracker state (eval.best_metric)
+    skipped_steps: int = 0  # steps whose loss was NaN/Inf and whose update was dropped
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

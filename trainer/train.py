@@ -27,6 +27,7 @@ from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
 from trainer.run_state import TrainState, capture_rng, restore_rng, seed_everything
 from trainer.sharding import format_plan_rows, plan_rows
+from trainer.train_module import NonFiniteLoss
 from trainer.window import LogWindow
 
 log = logging.getLogger("rectrain")
@@ -105,6 +106,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.state.step, self.state.epoch = saved.step, saved.epoch
+        self.state.skipped_steps = saved.skipped_steps
         self.rank_samples = saved.samples if self.ctx.is_main else 0
         if self.best:
             self.best.load_state_dict(saved.best)
@@ -152,7 +154,7 @@ class Trainer:
         self.logger.close()
         samples = sum(all_gather_objects(self.rank_samples))
         result = {"step": self.state.step, "samples_trained": samples, "stopped": stopped,
-                  "early_stopped": self._early_stopped(), **final_metrics}
+                  "early_stopped": self._early_stopped(), "skipped_steps": self.state.skipped_steps, **final_metrics}
         if self.best and self.best.state.value is not None:
             best_ckpt = self._best_checkpoint()
             result["best"] = {"metric": self.best.metric, "value": self.best.state.value,
@@ -174,8 +176,9 @@ class Trainer:
             self.train_stream.advance(batch)
             self.state.step += 1
             self.state.step_in_epoch += 1
-            self._window.add(batch, task_losses, self._task_weights)
-            self.rank_samples += batch.batch_size if batch.slot >= 0 else 0
+            if task_losses is not None:  # None: a skipped non-finite step
+                self._window.add(batch, task_losses, self._task_weights)
+                self.rank_samples += batch.batch_size if batch.slot >= 0 else 0
             progress.update(1)
             step = self.state.step
             if step % cfg.train.log_every == 0 or step == self.total_steps:
@@ -205,16 +208,39 @@ class Trainer:
     def _steps(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
         """(batch, task losses [T]) per optimizer step. GPU: TrainPipelineSparseDist overlaps the input
         all-to-all of batch i+1 with batch i's compute. CPU: a plain loop."""
-        if self.ctx.device.type == "cuda":
+        # Skipping a non-finite step needs the forward apart from the backward: the plain loop.
+        if self.ctx.device.type == "cuda" and self.cfg.train.non_finite_loss == "error":
             yield from self._pipelined_steps(batches)
             return
         for batch in batches:
             self.schedule.apply(self.state.step)
             self.optimizer.zero_grad()
-            loss, (task_losses, *_) = self.model(batch)
+            try:
+                loss, (task_losses, *_) = self.model(batch)
+            except NonFiniteLoss as e:
+                self._skip_non_finite(e)
+                yield batch, None
+                continue
             loss.backward()
             self.optimizer.step()
             yield batch, task_losses
+
+    def _skip_non_finite(self, error: NonFiniteLoss) -> None:
+        """Apply train.non_finite_loss to a step whose loss is NaN/Inf (nothing was updated)."""
+        step, cfg = self.state.step + 1, self.cfg.train
+        latest = self.checkpointer.latest()
+        where = f"the last checkpoint, {latest.name}, is intact" if latest else "no checkpoint was written"
+        if cfg.non_finite_loss == "error":
+            raise NonFiniteLoss(f"step {step}: {error}; nothing was updated from it and {where}; lower the "
+                                f"learning rates, set optimizer.grad_clip_norm, check the data, or set "
+                                f"train.non_finite_loss=skip")
+        self.state.skipped_steps += 1
+        log.warning("step %d: %s; update skipped (%d skipped so far, train.max_skipped_steps=%d)", step, error,
+                    self.state.skipped_steps, cfg.max_skipped_steps)
+        if self.state.skipped_steps > cfg.max_skipped_steps:
+            raise NonFiniteLoss(f"step {step}: {error}; {self.state.skipped_steps} steps skipped, more than "
+                                f"train.max_skipped_steps={cfg.max_skipped_steps}; {where}; lower the learning "
+                                f"rates or check the data")
 
     def _pipelined_steps(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
