@@ -32,16 +32,35 @@ class RunLogger:
 
     def __init__(self, log_dir: Path, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
         self.enabled = enabled
+        self.log_dir = log_dir
+        self.path = run_dir / "metrics.jsonl"
         self.writer = None
         self.jsonl = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = open(self.path, "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            self.writer = self._open_writer()
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+    def _open_writer(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after `step` (a resumed run logs those steps again): rewrite
+        metrics.jsonl without them and tell TensorBoard to purge them (`purge_step`)."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = open(self.path, "a")
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = self._open_writer(purge_step=step + 1)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
         if not self.enabled:

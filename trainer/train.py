@@ -128,7 +128,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         resumed = self.resume()
-        if not resumed:
+        if resumed:
+            self.logger.rewind(self.state.step)
+        else:
             self.train_stream.set_epoch(0)
         self._describe()
         final_metrics: dict = {}
