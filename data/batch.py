@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from data.schema import COUNTER_NAMES
+
 
 @dataclass
 class Batch:
@@ -19,10 +21,15 @@ class Batch:
     weights: float32 [B]; 0 marks padding rows that must not count in loss or metrics
     slot/position: which reader slot produced the batch and how many of that slot's rows
         were consumed after it (the data cursor the checkpoint saves)
-    id_stats: int64 [num_features, 3] negative/out_of_range/null counts for this batch
+    id_stats: int64 [num_features, len(COUNTER_NAMES)] negative/out_of_range/null/truncated
+        id counts for this batch
     null_dense: missing dense values (filled with 0, and flagged when data.dense_missing is
         "indicator")
     negative_dense: negative dense values that the log1p transform folded by sign
+    dropped_rows: rows read for this batch but left out (a NaN/inf dense value or label under
+        data.non_finite = "drop_row"); `position` still counts them as consumed
+    all_dropped: every row read for this batch was dropped; the batch is then one weight-0 row
+        (like padding) that still carries slot/position so the cursor advances
     """
 
     dense: torch.Tensor
@@ -31,13 +38,20 @@ class Batch:
     weights: torch.Tensor
     slot: int = -1
     position: int = 0
-    id_stats: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+    id_stats: np.ndarray = field(default_factory=lambda: np.zeros((0, len(COUNTER_NAMES)), dtype=np.int64))
     null_dense: int = 0
     negative_dense: int = 0
+    dropped_rows: int = 0
+    all_dropped: bool = False
 
     @property
     def batch_size(self) -> int:
         return self.dense.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        """Real samples: 0 for padding and for an all-dropped batch's weight-0 row."""
+        return 0 if self.slot < 0 or self.all_dropped else self.batch_size
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return replace(
@@ -82,5 +96,5 @@ def padding_batch(num_dense: int, keys: list[str], num_labels: int, weighted: bo
         ),
         labels=torch.zeros(1, num_labels),
         weights=torch.zeros(1),
-        id_stats=np.zeros((n, 3), dtype=np.int64),
+        id_stats=np.zeros((n, len(COUNTER_NAMES)), dtype=np.int64),
     )

@@ -10,13 +10,50 @@ Shuffling. A slot's rows are cut into windows of ``shuffle_buffer_rows``; each w
 permuted by a generator seeded from (seed, epoch, slot, window). The cursor is therefore just
 "rows consumed" per slot: a resumed reader re-reads the current window, applies the same
 permutation and skips what was consumed, so it yields exactly what an uninterrupted run would.
+Rows left out by ``data.non_finite = "drop_row"`` still count as consumed (``position`` counts
+rows read, not rows yielded), so the cursor and the number of batches do not depend on them.
+
+Bad input. Every problem is a one-line :class:`DataError` that names the file (and the column
+and the file-relative, 0-based row where one applies) and the fix. Each row of a window
+remembers its place in the epoch's row sequence, so a row-level error names the row's own file
+and row, whichever rank and DataLoader worker reads it.
+
+At construction (every rank, before any step; `discover_pieces`), from the files' footers:
+  - a zero-byte file, a file that does not start with the Parquet magic ``PAR1`` (CSV or JSON
+    named .parquet), a truncated file (no ``PAR1`` footer at its end), a footer that cannot be
+    decoded;
+  - a column chunk whose byte range (offset + compressed size) lies outside the file's data
+    (a footer that does not belong to its data: truncated then patched, or glued together);
+  - a configured column that is missing or has a type its role cannot use, and a read column
+    whose type differs from the first file's (pyarrow could not concatenate them mid-epoch);
+  - a dataset with no rows at all;
+  - values the footer statistics (null count and min/max per column chunk, a few microseconds
+    each) prove bad: a null label, a binary label below 0 or above 1 (2, -1, inf), +-inf (or a
+    value beyond float32) in a label or dense column under ``non_finite = "error"``, and under
+    ``id_policy = "strict"`` an id outside [0, num_embeddings) (negative, too large, uint64
+    >= 2**63). Such a row group is read right away and given the reader's own checks, so the
+    error is the one reading would raise, naming the row. Files written without statistics
+    skip this.
+At read time (by the worker that reads the row group or the row):
+  - a data page that pyarrow cannot decode, or whose CRC does not match (files written with
+    ``write_page_checksum=True``; the reader always verifies checksums when present): one line
+    naming the file, the row group, its rows and the column. Without page checksums, bytes
+    overwritten inside a data page often decode as other valid values and cannot be detected
+    by any reader; ``rectrain data inspect`` decodes every page of every file up front;
+  - what statistics cannot show: binary labels inside [0, 1] but not 0 or 1 (0.5), NaN
+    (``data.non_finite``), id lists longer than ``data.max_list_length`` under
+    ``list_overflow = "error"``, weights that do not align with their ids; and everything of
+    the list above in files written without statistics.
+Rows are named by their file-relative, 0-based index.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,10 +64,17 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.batch import Batch
-from data.schema import DataError, Schema, map_ids
+from data.batch import Batch, padding_batch
+from data.schema import COUNTER_NAMES, DataError, Schema, map_ids
+
+log = logging.getLogger("rectrain")
 
 _UNSHUFFLED_WINDOW = 1 << 16
+_MAGIC = b"PAR1"
+READ_ERRORS = (pa.ArrowException, OSError)
+
+# (batch row) -> (file path, file-relative row)
+Locate = Callable[[int], tuple[str, int]]
 
 
 @dataclass(frozen=True)
@@ -40,6 +84,13 @@ class Piece:
     path: str
     row_group: int
     num_rows: int
+    first_row: int = 0  # file-relative index of the row group's first row
+
+
+def one_line(e: BaseException | str) -> str:
+    """An exception's text on one line (pyarrow messages carry newlines and control bytes)."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(e))
+    return re.sub(r"\s+", " ", text).strip().rstrip(".")
 
 
 def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -48,7 +99,8 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(uri)
         except pa.ArrowException as e:
-            raise DataError(f"{uri}: pyarrow cannot open this URI ({e}); use a local path or a pyarrow.fs URI") from None
+            raise DataError(f"{uri}: pyarrow cannot open this URI ({one_line(e)}); use a local path or a "
+                            f"pyarrow.fs URI") from None
     import os
 
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -68,6 +120,195 @@ def list_parquet_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     if not files:
         raise DataError(f"{uri}: directory holds no .parquet files")
     return fs, files
+
+
+# --------------------------------------------------------------------------- file checks
+
+
+def read_footer(f: pa.NativeFile, path: str) -> tuple[pq.ParquetFile, int]:
+    """(ParquetFile, file size) of an open file; DataError naming the file when it is not a
+    whole Parquet file (empty, not Parquet, truncated, unreadable footer)."""
+    redo = "write or copy it again, or move it out of the dataset"
+    try:
+        size = f.size()
+        head = f.read_at(4, 0) if size >= 4 else b""
+        tail = f.read_at(4, size - 4) if size >= 8 else b""
+    except READ_ERRORS as e:
+        raise DataError(f"{path}: cannot be read ({one_line(e)}); check the file and its permissions") from None
+    if size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes), not a Parquet file; {redo}")
+    if head != _MAGIC:
+        raise DataError(f"{path}: not a Parquet file (it starts with {bytes(head)!r}, not b'PAR1': CSV or JSON "
+                        f"named .parquet?); convert it to Parquet or move it out of the dataset")
+    if size < 12 or tail != _MAGIC:
+        raise DataError(f"{path}: truncated: no Parquet footer at its end ({size} bytes; an interrupted write "
+                        f"or copy); {redo}")
+    try:
+        pf = pq.ParquetFile(f, page_checksum_verification=True)
+        pf.metadata
+    except READ_ERRORS as e:
+        raise DataError(f"{path}: corrupt Parquet footer ({one_line(e)}); {redo}") from None
+    return pf, size
+
+
+def _num_leaves(t: pa.DataType) -> int:
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _num_leaves(t.value_type)
+    if pa.types.is_struct(t):
+        return sum(_num_leaves(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _num_leaves(t.key_type) + _num_leaves(t.item_type)
+    return 1
+
+
+def _leaf_columns(pf: pq.ParquetFile) -> list[str]:
+    """The top-level column each Parquet leaf column belongs to, in leaf order."""
+    meta = pf.metadata
+    names = [f.name for f in pf.schema_arrow for _ in range(_num_leaves(f.type))]
+    if len(names) != meta.num_columns:  # unusual nesting: fall back to the dotted leaf paths
+        names = [meta.schema.column(i).path.split(".")[0] for i in range(meta.num_columns)]
+    return names
+
+
+def check_chunk_ranges(path: str, pf: pq.ParquetFile, size: int, columns: list[str] | None = None) -> None:
+    """Every column chunk (of `columns`, or all) lies between the header magic and the footer."""
+    meta = pf.metadata
+    data_end = size - 8 - meta.serialized_size
+    leaves = _leaf_columns(pf)
+    wanted = [i for i, name in enumerate(leaves) if columns is None or name in columns]
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        if group.num_rows == 0:  # writers leave the offsets of empty row groups at 0
+            continue
+        for i in wanted:
+            c = group.column(i)
+            if c.file_path:  # the chunk lives in another file
+                continue
+            start = c.data_page_offset
+            if c.has_dictionary_page and c.dictionary_page_offset > 0:
+                start = min(start, c.dictionary_page_offset)
+            end = start + c.total_compressed_size
+            if start < 4 or end > data_end:
+                raise DataError(
+                    f"{path}: row group {rg} column {leaves[i]!r} lies outside the file's data (bytes {start}-{end}, "
+                    f"data ends at byte {data_end} of {size}); the footer does not match the data (truncated or "
+                    f"patched file); write or copy it again")
+
+
+def validate_file_schema(path: str, arrow_schema: pa.Schema, schema: Schema) -> None:
+    roles = [(c, "label", "data.label_columns") for c in schema.label_columns]
+    roles += [(c, "dense", "data.dense_columns") for c in schema.dense_columns]
+    roles += [(f.name, "sparse", "data.sparse_columns") for f in schema.features]
+    roles += [(f.weight_column, "weight", "data.weight_columns") for f in schema.features if f.weight_column]
+    names = set(arrow_schema.names)
+    for column, role, key in roles:
+        if column not in names:
+            raise DataError(f"{path}: column {column!r} (from {key}) is missing; the file has "
+                            f"{sorted(names)[:12]}{'...' if len(names) > 12 else ''}; fix {key} or the file")
+        _check_type(path, column, arrow_schema.field(column).type, role)
+
+
+def compare_file_schema(path: str, arrow_schema: pa.Schema, first_path: str, first_schema: pa.Schema,
+                        columns: list[str]) -> None:
+    """The read `columns` have the same types as in the first file (types only: nullability and
+    metadata may differ)."""
+    for c in columns:
+        t, t0 = arrow_schema.field(c).type, first_schema.field(c).type
+        if not t.equals(t0):
+            raise DataError(f"{path}: column {c!r} has type {t}, but {first_path} has {t0}; every file must give "
+                            f"a column the same type: rewrite this file with {t0}")
+
+
+def discover_pieces(uri: str, schema: Schema) -> tuple[pafs.FileSystem, list[Piece]]:
+    """Every non-empty row group under `uri`, after reading every footer and checking each file
+    (see the module docstring for what is checked here)."""
+    fs, files = list_parquet_files(uri)
+    pieces: list[Piece] = []
+    first: tuple[str, pa.Schema] | None = None
+    columns = schema.columns
+    for path in files:
+        try:
+            f = fs.open_input_file(path)
+        except READ_ERRORS as e:
+            raise DataError(f"{path}: cannot be opened ({one_line(e)}); check the file and its permissions") from None
+        with f:
+            pf, size = read_footer(f, path)
+            meta, arrow_schema = pf.metadata, pf.schema_arrow
+            validate_file_schema(path, arrow_schema, schema)
+            if first is None:
+                first = (path, arrow_schema)
+            else:
+                compare_file_schema(path, arrow_schema, *first, columns)
+            check_chunk_ranges(path, pf, size, columns)
+            row, file_pieces = 0, []
+            for rg in range(meta.num_row_groups):
+                n = meta.row_group(rg).num_rows
+                if n:
+                    file_pieces.append(Piece(path, rg, n, row))
+                row += n
+            for piece in suspect_pieces(pf, file_pieces, schema):
+                _check_piece(pf, piece, schema)
+            pieces += file_pieces
+    if not pieces:
+        raise DataError(f"{uri}: has no rows ({len(files)} Parquet file(s), all empty); write rows to it or point "
+                        f"data.train_path / data.eval_path at a dataset with rows")
+    return fs, pieces
+
+
+def suspect_pieces(pf: pq.ParquetFile, pieces: list[Piece], schema: Schema) -> list[Piece]:
+    """Row groups whose footer statistics (null count, min/max per column chunk) prove a value
+    that reading would refuse: a null label, a binary label outside [0, 1], +-inf in a label or
+    dense column under ``non_finite = "error"``, or under the strict id policy an id outside
+    [0, num_embeddings). A few microseconds per checked column chunk; statistics cannot show NaN,
+    0.5 labels or long lists, which reading still catches."""
+    lo_hi: dict[str, tuple[float, float]] = {}
+    if schema.non_finite == "error":  # inf, or too large for float32 (inf once converted)
+        big = float(np.finfo(np.float32).max)
+        lo_hi.update({c: (-big, big) for c in (*schema.label_columns, *schema.dense_columns)})
+    lo_hi.update({c: (0, 1) for c in schema.binary_label_columns})
+    if schema.id_policy == "strict":
+        lo_hi.update({f.name: (0, f.num_embeddings - 1) for f in schema.features})
+    labels = set(schema.label_columns)
+    checks = [(i, lo_hi.get(name), name in labels) for i, name in enumerate(_leaf_columns(pf))
+              if name in lo_hi or name in labels]
+    meta, out = pf.metadata, []
+    for piece in pieces:
+        group = meta.row_group(piece.row_group)
+        for i, bounds, no_nulls in checks:
+            st = group.column(i).statistics
+            if st is None:
+                continue
+            if (no_nulls and st.has_null_count and st.null_count > 0) or (
+                    bounds is not None and st.has_min_max and not bounds[0] <= st.min <= st.max <= bounds[1]):
+                out.append(piece)
+                break
+    return out
+
+
+def _check_piece(pf: pq.ParquetFile, piece: Piece, schema: Schema) -> None:
+    """Read one row group at startup and run the reader's checks on it (same messages)."""
+    try:
+        table = pf.read_row_group(piece.row_group, columns=schema.columns)
+    except READ_ERRORS as e:
+        raise decode_error(pf, piece, schema.columns, e) from None
+    table_to_batch(table, schema, piece.path, locate=lambda i: (piece.path, piece.first_row + i))
+
+
+def decode_error(pf: pq.ParquetFile, piece: Piece, columns: list[str], error: BaseException) -> DataError:
+    """One line naming the file, row group, its rows and (when one column alone fails) the column."""
+    column = ""
+    for c in columns:
+        try:
+            pf.read_row_group(piece.row_group, columns=[c])
+        except READ_ERRORS:
+            column = f" column {c!r}"
+            break
+        except Exception:  # noqa: BLE001 - only used to name the column
+            break
+    last = piece.first_row + piece.num_rows - 1
+    return DataError(f"{piece.path}: row group {piece.row_group}{column} (rows {piece.first_row}-{last} of the "
+                     f"file) cannot be decoded ({one_line(error)}); the file is corrupt: write or copy it again "
+                     f"(`rectrain data inspect` decodes every file and lists the bad ones)")
 
 
 def _check_type(path: str, column: str, typ: pa.DataType, role: str) -> None:
@@ -94,65 +335,36 @@ def _check_type(path: str, column: str, typ: pa.DataType, role: str) -> None:
         raise DataError(f"{path}: column {column!r} has type {typ}; {role} columns must be {want}")
 
 
-def validate_file_schema(path: str, arrow_schema: pa.Schema, schema: Schema) -> None:
-    roles = [(c, "label", "data.label_columns") for c in schema.label_columns]
-    roles += [(c, "dense", "data.dense_columns") for c in schema.dense_columns]
-    roles += [(f.name, "sparse", "data.sparse_columns") for f in schema.features]
-    roles += [(f.weight_column, "weight", "data.weight_columns") for f in schema.features if f.weight_column]
-    names = set(arrow_schema.names)
-    for column, role, key in roles:
-        if column not in names:
-            raise DataError(f"{path}: column {column!r} (from {key}) is missing; the file has "
-                            f"{sorted(names)[:12]}{'...' if len(names) > 12 else ''}; fix {key} or the file")
-        _check_type(path, column, arrow_schema.field(column).type, role)
-
-
-def discover_pieces(uri: str, schema: Schema) -> tuple[pafs.FileSystem, list[Piece]]:
-    """Every row group under `uri`, after checking each file's columns against the schema."""
-    fs, files = list_parquet_files(uri)
-    pieces: list[Piece] = []
-    for path in files:
-        with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
-            validate_file_schema(path, meta.schema.to_arrow_schema(), schema)
-            pieces += [Piece(path, rg, meta.row_group(rg).num_rows) for rg in range(meta.num_row_groups)]
-    return fs, pieces
-
-
 # --------------------------------------------------------------------------- arrow -> Batch
 
 
-def _dense_matrix(table: pa.Table, schema: Schema) -> tuple[np.ndarray, int, int]:
-    """(dense [B, schema.num_dense], null count, negatives folded by log1p)."""
-    n = table.num_rows
-    if not schema.dense_columns:
-        return np.zeros((n, 0), dtype=np.float32), 0, 0
-    cols, missing = [], []
-    for c in schema.dense_columns:
-        col = table.column(c)
-        if col.null_count:
-            missing.append(col.is_null().to_numpy(zero_copy_only=False))
-            col = pc.fill_null(col.cast(pa.float32()), 0.0)
-        else:
-            missing.append(None)
-        cols.append(col.cast(pa.float32()).to_numpy())
-    dense = np.stack(cols, axis=1)
-    nulls = sum(int(m.sum()) for m in missing if m is not None)
-    negatives = 0
-    if schema.dense_transform == "log1p":
-        negatives = int(np.count_nonzero(dense < 0))
-        dense = np.sign(dense) * np.log1p(np.abs(dense))
-    if schema.dense_missing == "indicator":
-        flags = np.stack([m if m is not None else np.zeros(n, dtype=bool) for m in missing], axis=1)
-        dense = np.concatenate([dense, flags.astype(np.float32)], axis=1)
-    return dense.astype(np.float32, copy=False), nulls, negatives
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _floats(col: pa.ChunkedArray) -> np.ndarray:
+    return col.cast(pa.float32()).to_numpy()
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _id_values(arr: pa.Array) -> np.ndarray:
+    """Ids as int64, except uint64 which stays unsigned (values >= 2**63 must not turn negative)."""
+    values = arr.to_numpy(zero_copy_only=False)
+    return values if values.dtype == np.uint64 else values.astype(np.int64, copy=False)
 
 
 def _ids_and_lengths(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
     """(values, lengths, nulls, kept-mask of the flattened values) for a scalar or list column."""
     arr = col.combine_chunks()
     n = len(arr)
-    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+    if _is_list(arr.type):
         lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
         flat = arr.flatten()
         nulls = arr.null_count + flat.null_count
@@ -162,42 +374,157 @@ def _ids_and_lengths(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, int,
             parents = pc.list_parent_indices(arr).to_numpy()
             lengths -= np.bincount(parents[~keep], minlength=n)
             flat = flat.filter(pa.array(keep))
-        return flat.to_numpy().astype(np.int64), lengths, nulls, keep
+        return _id_values(flat), lengths, nulls, keep
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     nulls = arr.null_count
-    values = arr.drop_null().to_numpy().astype(np.int64) if nulls else arr.to_numpy().astype(np.int64)
+    values = _id_values(arr.drop_null() if nulls else arr)
     return values, valid.astype(np.int64), nulls, (valid if nulls else None)
 
 
-def table_to_batch(table: pa.Table, schema: Schema, where: str) -> Batch:
-    """Convert B rows to a Batch, applying the id policy and counting what it fixed."""
+class _Where:
+    """Names a batch row as `<file>: column '<c>' row <file row>` (only on error paths)."""
+
+    def __init__(self, locate: Locate) -> None:
+        self.locate = locate
+
+    def __call__(self, row: int, column: str) -> str:
+        path, file_row = self.locate(int(row))
+        return f"{path}: column {column!r} row {file_row}"
+
+    def file(self) -> str:
+        return self.locate(0)[0]
+
+
+def _weights(table: pa.Table, feat, id_col: pa.ChunkedArray, keep: np.ndarray | None, num_ids: int,
+             where: _Where) -> np.ndarray:
+    """The weights of `feat`'s non-null ids, aligned with them; DataError naming the first row
+    where they do not align."""
+    wcol = table.column(feat.weight_column).combine_chunks()
+    w = (wcol.flatten() if _is_list(wcol.type) else wcol).to_numpy(zero_copy_only=False)
+    if keep is not None and len(w) == len(keep):
+        w = w[keep]
+    if len(w) == num_ids and not np.isnan(w).any():
+        return w.astype(np.float32, copy=False)
+    # error path: find the row
+    ids = id_col.combine_chunks()
+    fix = f"one non-null weight per id is required; fix {feat.weight_column!r} or data.weight_columns"
+    if _is_list(ids.type) != _is_list(wcol.type):
+        raise DataError(f"{where.file()}: weight column {feat.weight_column!r} does not align with the ids of "
+                        f"{feat.name!r} (one is a list column, the other is not); {fix}")
+    if _is_list(ids.type):
+        n_ids = pc.fill_null(pc.list_value_length(ids), 0).to_numpy()
+        n_w = pc.fill_null(pc.list_value_length(wcol), 0).to_numpy()
+        if (n_ids != n_w).any():
+            r = _first(n_ids != n_w)
+            raise DataError(f"{where(r, feat.weight_column)}: {n_w[r]} weights do not align with the {n_ids[r]} "
+                            f"ids of {feat.name!r}; {fix}")
+        id_ok = ids.flatten().is_valid().to_numpy(zero_copy_only=False)
+        w_all = wcol.flatten().to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(ids).to_numpy()
+    else:
+        id_ok = ids.is_valid().to_numpy(zero_copy_only=False)
+        w_all = wcol.to_numpy(zero_copy_only=False)
+        parents = np.arange(len(ids))
+    bad = id_ok & np.isnan(w_all.astype(np.float64))
+    r = int(parents[_first(bad)]) if bad.any() else 0
+    raise DataError(f"{where(r, feat.weight_column)}: a weight is missing or NaN for an id of {feat.name!r} "
+                    f"(the weights do not align with the ids); {fix}")
+
+
+def _all_dropped(schema: Schema, dropped: int) -> Batch:
+    batch = padding_batch(schema.num_dense, schema.feature_names, len(schema.label_columns), schema.weighted)
+    batch.dropped_rows, batch.all_dropped = dropped, True
+    return batch
+
+
+def table_to_batch(table: pa.Table, schema: Schema, where: str, locate: Locate | None = None,
+                   on_drop: Callable[[str, int], None] | None = None) -> Batch:
+    """Convert B rows to a Batch, applying the schema's policies and counting what they fixed.
+
+    `locate(i)` gives the file and file-relative row of row `i` for error messages (default:
+    file `where`, row i). `on_drop(description, count)` is told about rows that
+    ``non_finite = "drop_row"`` leaves out.
+    """
+    n = table.num_rows
+    path = where
+    at = _Where(locate or (lambda i: (path, i)))
     for c in schema.label_columns:
-        if table.column(c).null_count:
-            raise DataError(f"{where}: label column {c!r} has {table.column(c).null_count} null values; "
-                            f"labels must be present (drop or fill those rows upstream)")
-    labels = np.stack([table.column(c).cast(pa.float32()).to_numpy() for c in schema.label_columns], axis=1)
-    dense, null_dense, negative_dense = _dense_matrix(table, schema)
+        col = table.column(c)
+        if col.null_count:
+            r = _first(col.is_null().to_numpy(zero_copy_only=False))
+            raise DataError(f"{at(r, c)}: label is null ({col.null_count} null among the {n} rows read with it); "
+                            f"labels must be present: drop or fill those rows upstream")
+    labels = (np.stack([_floats(table.column(c)) for c in schema.label_columns], axis=1)
+              if schema.label_columns else np.zeros((n, 0), dtype=np.float32))
+    dense, missing = _dense_values(table, schema)
+
+    # NaN / inf: an error, or the row is left out and counted
+    dropped = 0
+    finite = np.isfinite(labels).all(axis=1) & np.isfinite(dense).all(axis=1)
+    if not finite.all():
+        r = _first(~finite)
+        names = [*schema.label_columns, *schema.dense_columns]
+        k = _first(~np.isfinite(np.concatenate([labels[r], dense[r]])))
+        raw = table.column(names[k])[r].as_py()
+        value = f"{raw} (too large for float32)" if isinstance(raw, (int, float)) and math.isfinite(raw) else str(raw)
+        bad_rows = int((~finite).sum())
+        if schema.non_finite != "drop_row":
+            raise DataError(f"{at(r, names[k])}: value {value} is not finite ({bad_rows} row(s) with NaN or infinite "
+                            f"values among the {n} rows read with it); fix the data, or set data.non_finite = "
+                            f"\"drop_row\" to leave such rows out (they are counted as dropped_rows)")
+        if on_drop is not None:
+            on_drop(f"{at(r, names[k])} is {value}", bad_rows)
+        dropped = bad_rows
+        kept = np.flatnonzero(finite)
+        if not len(kept):
+            return _all_dropped(schema, dropped)
+        table = table.take(pa.array(kept))
+        labels, dense = labels[kept], dense[kept]
+        missing = [m[kept] if m is not None else None for m in missing]
+        outer = at.locate
+        at = _Where(lambda i: outer(int(kept[i])))
+        n = len(kept)
+
+    for k in [i for i, c in enumerate(schema.label_columns) if c in schema.binary_label_columns]:
+        bad = (labels[:, k] != 0) & (labels[:, k] != 1)
+        if bad.any():
+            r, c = _first(bad), schema.label_columns[k]
+            raise DataError(f"{at(r, c)}: label {_show(table.column(c)[r].as_py())} is not 0 or 1 ({int(bad.sum())} "
+                            f"such label(s) among the {n} rows read with it); binary tasks need 0/1 labels: fix the "
+                            f"data, or give the task that reads {c!r} kind = \"regression\"")
+
+    dense, null_dense, negative_dense = _finish_dense(dense, missing, schema)
     values, lengths, weights = [], [], []
-    stats = np.zeros((len(schema.features), 3), dtype=np.int64)
+    stats = np.zeros((len(schema.features), len(COUNTER_NAMES)), dtype=np.int64)
+    limit = schema.max_list_length
     for i, feat in enumerate(schema.features):
-        ids, lens, nulls, keep = _ids_and_lengths(table.column(feat.name))
-        mapped, neg, oor = map_ids(ids, feat.num_embeddings, schema.id_policy, f"{where}: column {feat.name!r}")
-        stats[i] = (neg, oor, nulls)
+        col = table.column(feat.name)
+        ids, lens, nulls, keep = _ids_and_lengths(col)
+        w = _weights(table, feat, col, keep, len(ids), at) if feat.weight_column and schema.weighted else None
+        truncated = 0
+        if limit and _is_list(col.type) and len(lens) and int(lens.max()) > limit:
+            over = lens > limit
+            if schema.list_overflow == "error":
+                r = _first(over)
+                raise DataError(f"{at(r, feat.name)}: list of {lens[r]} ids is longer than data.max_list_length = "
+                                f"{limit} ({int(over.sum())} such row(s) among the {n} rows read with it); raise "
+                                f"data.max_list_length, or set data.list_overflow = \"truncate\" to cut such lists "
+                                f"(the cut ids are counted as truncated_ids)")
+            offsets = np.cumsum(lens) - lens
+            cut = (np.arange(len(ids)) - np.repeat(offsets, lens)) < limit
+            truncated = len(ids) - int(cut.sum())
+            ids, lens = ids[cut], np.minimum(lens, limit)
+            w = w[cut] if w is not None else None
+
+        def id_place(j: int, lens=lens, name=feat.name) -> str:
+            return at(int(np.searchsorted(np.cumsum(lens), j, side="right")), name)
+
+        mapped, neg, oor = map_ids(ids, feat.num_embeddings, schema.id_policy, id_place)
+        stats[i] = (neg, oor, nulls, truncated)
         values.append(mapped)
         lengths.append(lens)
         if schema.weighted:
-            if feat.weight_column:
-                w = table.column(feat.weight_column).combine_chunks()
-                w = w.flatten() if (pa.types.is_list(w.type) or pa.types.is_large_list(w.type)) else w
-                w = w.to_numpy(zero_copy_only=False)
-                if keep is not None and len(w) == len(keep):
-                    w = w[keep]
-                if len(w) != len(mapped) or np.isnan(w).any():
-                    raise DataError(f"{where}: weight column {feat.weight_column!r} does not align with the "
-                                    f"ids of {feat.name!r} (one non-null weight per id is required)")
-                weights.append(w.astype(np.float32))
-            else:
-                weights.append(np.ones(len(mapped), dtype=np.float32))
+            weights.append(w if w is not None else np.ones(len(mapped), dtype=np.float32))
     sparse = KeyedJaggedTensor(
         keys=schema.feature_names,
         values=torch.from_numpy(np.concatenate(values)),
@@ -208,11 +535,45 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str) -> Batch:
         dense=torch.from_numpy(dense),
         sparse=sparse,
         labels=torch.from_numpy(labels.astype(np.float32, copy=False)),
-        weights=torch.ones(table.num_rows),
+        weights=torch.ones(n),
         id_stats=stats,
         null_dense=null_dense,
         negative_dense=negative_dense,
+        dropped_rows=dropped,
     )
+
+
+def _dense_values(table: pa.Table, schema: Schema) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """(dense values [B, len(dense_columns)] as float32 with nulls filled by 0, null mask per column)."""
+    n = table.num_rows
+    if not schema.dense_columns:
+        return np.zeros((n, 0), dtype=np.float32), []
+    cols, missing = [], []
+    for c in schema.dense_columns:
+        col = table.column(c)
+        if col.null_count:
+            missing.append(col.is_null().to_numpy(zero_copy_only=False))
+            col = pc.fill_null(col.cast(pa.float32()), 0.0)
+        else:
+            missing.append(None)
+        cols.append(_floats(col))
+    return np.stack(cols, axis=1), missing
+
+
+def _finish_dense(dense: np.ndarray, missing: list[np.ndarray | None], schema: Schema) -> tuple[np.ndarray, int, int]:
+    """(dense [B, schema.num_dense], null count, negatives folded by log1p)."""
+    n = dense.shape[0]
+    if not schema.dense_columns:
+        return np.zeros((n, 0), dtype=np.float32), 0, 0
+    nulls = sum(int(m.sum()) for m in missing if m is not None)
+    negatives = 0
+    if schema.dense_transform == "log1p":
+        negatives = int(np.count_nonzero(dense < 0))
+        dense = np.sign(dense) * np.log1p(np.abs(dense))
+    if schema.dense_missing == "indicator":
+        flags = np.stack([m if m is not None else np.zeros(n, dtype=bool) for m in missing], axis=1)
+        dense = np.concatenate([dense, flags.astype(np.float32)], axis=1)
+    return dense.astype(np.float32, copy=False), nulls, negatives
 
 
 # --------------------------------------------------------------------------- the stream
@@ -329,13 +690,29 @@ class ParquetStream(IterableDataset):
         return {"file": None, "row_group": None, "offset": 0, "window": window, "rows_consumed": pos}
 
     # ---- reading
+    def _parquet_file(self, path: str) -> pq.ParquetFile:
+        pf = self._file_cache.get(path)
+        if pf is None:
+            try:
+                pf = pq.ParquetFile(self.fs.open_input_file(path), page_checksum_verification=True)
+            except READ_ERRORS as e:
+                raise DataError(f"{path}: cannot be opened for reading any more ({one_line(e)}); was it changed or "
+                                f"removed after the run started?") from None
+            self._file_cache[path] = pf
+        return pf
+
     def _row_group(self, piece: Piece) -> pa.Table:
         key = (piece.path, piece.row_group)
         if self._rg_cache is None or self._rg_cache[0] != key:
-            pf = self._file_cache.get(piece.path)
-            if pf is None:
-                pf = self._file_cache[piece.path] = pq.ParquetFile(self.fs.open_input_file(piece.path))
-            self._rg_cache = (key, pf.read_row_group(piece.row_group, columns=self.schema.columns))
+            pf = self._parquet_file(piece.path)
+            try:
+                table = pf.read_row_group(piece.row_group, columns=self.schema.columns)
+            except READ_ERRORS as e:
+                raise decode_error(pf, piece, self.schema.columns, e) from None
+            if table.num_rows != piece.num_rows:
+                raise DataError(f"{piece.path}: row group {piece.row_group} holds {table.num_rows} rows but its footer "
+                                f"says {piece.num_rows}; the file is corrupt: write or copy it again")
+            self._rg_cache = (key, table)
         return self._rg_cache[1]
 
     def _read_rows(self, pieces: list[Piece], lo: int, hi: int) -> pa.Table:
@@ -349,49 +726,67 @@ class ParquetStream(IterableDataset):
             if end >= hi:
                 break
             start = end
-        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        return _concat(parts)
 
-    def _slot_rows(self, slot: int, position: int) -> Iterator[pa.Table]:
-        """The slot's rows from `position` on, window by window, each window permuted."""
-        pieces = self.ordered_pieces(self.epoch)
+    def _slot_rows(self, slot: int, position: int, pieces: list[Piece]) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        """The slot's rows from `position` on, window by window, each window permuted; with each
+        row's index in the epoch's row sequence (its origin, for error messages)."""
         lo, hi = self.slot_range(slot)
         first = position // self.window
         for w in range(first, math.ceil((hi - lo) / self.window)):
             a, b = lo + w * self.window, min(hi, lo + (w + 1) * self.window)
             rows = self._read_rows(pieces, a, b)
+            origin = np.arange(a, b, dtype=np.int64)
             if self.shuffle:
                 perm = np.random.default_rng([self.seed, self.epoch, slot, w]).permutation(b - a)
                 rows = rows.take(pa.array(perm))
+                origin = origin[perm]
             skip = position - w * self.window if w == first else 0
-            yield rows.slice(skip) if skip else rows
+            yield (rows.slice(skip), origin[skip:]) if skip else (rows, origin)
 
     def _slot_batches(self, slot: int) -> Iterator[Batch]:
         position = self.positions.get(slot, 0)
-        pending: list[pa.Table] = []
+        pieces = self.ordered_pieces(self.epoch)
+        starts = np.cumsum([0] + [p.num_rows for p in pieces])
+        pending: list[tuple[pa.Table, np.ndarray]] = []
         pending_rows = 0
+        warned = False
 
-        def emit(table: pa.Table) -> Batch:
+        def locator(origin: np.ndarray) -> Locate:
+            def locate(i: int) -> tuple[str, int]:
+                g = int(origin[i])
+                k = int(np.searchsorted(starts, g, side="right")) - 1
+                return pieces[k].path, pieces[k].first_row + g - int(starts[k])
+            return locate
+
+        def on_drop(description: str, count: int) -> None:
+            nonlocal warned
+            if not warned:
+                warned = True
+                log.warning("data.non_finite = drop_row: left out %d row(s) of a batch (first: %s); every row left "
+                            "out is counted as dropped_rows (this warning: once per reader slot and pass)",
+                            count, description)
+
+        def emit(table: pa.Table, origin: np.ndarray) -> Batch:
             nonlocal position
-            try:
-                batch = table_to_batch(table, self.schema, self.uri)
-            except DataError as e:
-                where = self.describe_position(slot)
-                raise DataError(f"{e} [slot {slot} from row {position}; file {where['file']}]") from None
-            position += table.num_rows
+            batch = table_to_batch(table, self.schema, self.uri, locate=locator(origin), on_drop=on_drop)
+            position += table.num_rows  # rows read, dropped ones included
             self.positions[slot] = position
             batch.slot, batch.position = slot, position
             return batch
 
-        for chunk in self._slot_rows(slot, position):
-            pending.append(chunk)
+        for chunk, origin in self._slot_rows(slot, position, pieces):
+            pending.append((chunk, origin))
             pending_rows += chunk.num_rows
             while pending_rows >= self.batch_size:
-                table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
-                yield emit(table.slice(0, self.batch_size))
-                rest = table.slice(self.batch_size)
-                pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+                table = _concat([t for t, _ in pending])
+                origins = np.concatenate([o for _, o in pending]) if len(pending) > 1 else pending[0][1]
+                yield emit(table.slice(0, self.batch_size), origins[:self.batch_size])
+                rest, rest_origin = table.slice(self.batch_size), origins[self.batch_size:]
+                pending, pending_rows = ([(rest, rest_origin)] if rest.num_rows else []), rest.num_rows
         if pending_rows:
-            yield emit(pa.concat_tables(pending) if len(pending) > 1 else pending[0])
+            table = _concat([t for t, _ in pending])
+            yield emit(table, np.concatenate([o for _, o in pending]))
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -401,3 +796,8 @@ class ParquetStream(IterableDataset):
                             f"{self.slots_per_rank}; pass num_workers=data.num_workers to both")
         local = (worker + self.rotation) % self.slots_per_rank
         yield from self._slot_batches(self.rank * self.slots_per_rank + local)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    # Files agree on column types (checked at startup) but may differ in nullability/metadata.
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")

@@ -7,20 +7,28 @@ table. The policy maps every id into ``[0, num_embeddings)`` and counts what it 
 - ``hash``: splitmix64(id) then modulo; spreads structured ids (e.g. sequential) evenly.
 - ``strict``: any id outside ``[0, num_embeddings)`` is an error naming the file and column.
 
+Unsigned (uint64) id columns keep their unsigned value: an id >= 2**63 is out of range (never
+negative), the strict policy names it, modulo and hash map the unsigned value.
+
 Counters per feature: ``negative`` and ``out_of_range`` ids seen (still mapped, never dropped),
 ``null`` scalar/list entries (they become empty bags, i.e. contribute nothing to the pooled
-embedding). Dense columns count ``null_dense`` values (filled with 0; with
-``dense_missing = "indicator"`` a 0/1 missing flag per dense column is appended too) and
-``negative_dense`` values that the ``log1p`` transform folds by sign.
+embedding), and ``truncated`` ids cut off lists longer than ``max_list_length`` (with
+``list_overflow = "truncate"``; "error" refuses such a row). Dense columns count ``null_dense``
+values (filled with 0; with ``dense_missing = "indicator"`` a 0/1 missing flag per dense column is
+appended too) and ``negative_dense`` values that the ``log1p`` transform folds by sign. Rows with a
+NaN or infinite dense value or label are an error, or with ``non_finite = "drop_row"`` left out
+and counted as ``dropped_rows``. Labels read by binary tasks must be 0 or 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-COUNTER_NAMES = ("negative", "out_of_range", "null")
+# Columns of Batch.id_stats (one row per feature); reported as "<name>_ids".
+COUNTER_NAMES = ("negative", "out_of_range", "null", "truncated")
 
 
 class DataError(ValueError):
@@ -46,6 +54,12 @@ class Schema:
     id_policy: str = "modulo"
     dense_transform: str = "none"  # "none" | "log1p" (Criteo counts are heavy-tailed)
     dense_missing: str = "zero"  # "zero" | "indicator" (append a missing flag per dense column)
+    # Label columns that binary tasks read (values must be 0 or 1); None: every label column,
+    # as when model.tasks is empty (one binary task per label column).
+    binary_labels: tuple[str, ...] | None = None
+    non_finite: str = "error"  # "error" | "drop_row" for NaN/inf dense values and labels
+    max_list_length: int = 10_000  # ids per row and feature
+    list_overflow: str = "truncate"  # "truncate" | "error"
 
     @property
     def feature_names(self) -> list[str]:
@@ -65,13 +79,25 @@ class Schema:
     def weighted(self) -> bool:
         return any(f.weight_column for f in self.features)
 
+    @property
+    def binary_label_columns(self) -> tuple[str, ...]:
+        if self.binary_labels is None:
+            return self.label_columns
+        return tuple(c for c in self.label_columns if c in self.binary_labels)
+
     @classmethod
     def from_config(cls, data_cfg, model_cfg) -> "Schema":
-        """Features are the ones the model's tables use, in table order."""
+        """Features are the ones the model's tables use, in table order. Label columns read by a
+        binary task must hold 0/1; with no tasks configured every label is binary (as in
+        trainer/config.py, which then makes one binary task per label column)."""
         sizes = {f: t.num_embeddings for t in model_cfg.tables for f in t.features}
         feats = tuple(
             FeatureSpec(f, sizes[f], data_cfg.weight_columns.get(f)) for f in model_cfg.feature_names
         )
+        tasks = list(getattr(model_cfg, "tasks", None) or [])
+        binary = None
+        if tasks:
+            binary = tuple(sorted({t.label or t.name for t in tasks if t.kind == "binary"}))
         return cls(
             label_columns=tuple(data_cfg.label_columns),
             dense_columns=tuple(data_cfg.dense_columns),
@@ -79,6 +105,10 @@ class Schema:
             id_policy=data_cfg.id_policy,
             dense_transform=data_cfg.dense_transform,
             dense_missing=data_cfg.dense_missing,
+            binary_labels=binary,
+            non_finite=getattr(data_cfg, "non_finite", "error"),
+            max_list_length=getattr(data_cfg, "max_list_length", 10_000),
+            list_overflow=getattr(data_cfg, "list_overflow", "truncate"),
         )
 
 
@@ -89,27 +119,44 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def map_ids(ids: np.ndarray, num_embeddings: int, policy: str, where: str) -> tuple[np.ndarray, int, int]:
-    """Map raw int64 ids into [0, num_embeddings); return (ids, negatives, out_of_range).
+def map_ids(
+    ids: np.ndarray, num_embeddings: int, policy: str, where: str | Callable[[int], str]
+) -> tuple[np.ndarray, int, int]:
+    """Map raw ids into [0, num_embeddings); return (int64 ids, negatives, out_of_range).
 
-    `where` names the file and column for the strict policy's error.
+    `ids` are signed integers (cast to int64) or uint64, whose values >= 2**63 stay unsigned: out
+    of range, not negative. `where` names the file and column for the strict policy's error; a
+    callable gets the index of the first offending id and returns that text (so the message can
+    name the row).
     """
-    ids = ids.astype(np.int64, copy=False)
-    negative = int(np.count_nonzero(ids < 0))
-    out_of_range = int(np.count_nonzero(ids >= num_embeddings))
+    n = num_embeddings
+    if ids.dtype == np.uint64:
+        too_large = ids >= np.uint64(n)
+        negative, out_of_range = 0, int(np.count_nonzero(too_large))
+        bad_mask = too_large
+    else:
+        ids = ids.astype(np.int64, copy=False)
+        negative = int(np.count_nonzero(ids < 0))
+        out_of_range = int(np.count_nonzero(ids >= n))
+        bad_mask = None
     if policy == "strict":
         if negative or out_of_range:
-            bad = ids[(ids < 0) | (ids >= num_embeddings)][0]
+            if bad_mask is None:
+                bad_mask = (ids < 0) | (ids >= n)
+            j = int(np.argmax(bad_mask))
+            place = where(j) if callable(where) else where
             raise DataError(
-                f"{where}: id {bad} is outside [0, {num_embeddings}) ({negative} negative, "
-                f"{out_of_range} too large); raise the table's num_embeddings or set data.id_policy "
-                f"to 'modulo' or 'hash'"
+                f"{place}: id {int(ids[j])} is outside [0, {n}) ({negative} negative, {out_of_range} too "
+                f"large among the {len(ids)} ids read with it); raise the table's num_embeddings or set "
+                f"data.id_policy to 'modulo' or 'hash'"
             )
-        return ids, 0, 0
+        return ids.astype(np.int64, copy=False), 0, 0
     if policy == "hash":
         with np.errstate(over="ignore"):
-            mapped = (_splitmix64(ids) % np.uint64(num_embeddings)).astype(np.int64)
+            mapped = (_splitmix64(ids) % np.uint64(n)).astype(np.int64)
         return mapped, negative, out_of_range
     if policy == "modulo":
-        return np.mod(ids, num_embeddings), negative, out_of_range
+        if ids.dtype == np.uint64:
+            return (ids % np.uint64(n)).astype(np.int64), negative, out_of_range
+        return np.mod(ids, n), negative, out_of_range
     raise DataError(f"unknown id policy {policy!r}; use modulo, hash or strict")

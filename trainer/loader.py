@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from data.batch import Batch, padding_batch
 from data.parquet import ParquetStream
+from data.schema import DataError
 
 
 def make_loader(stream: ParquetStream, device: torch.device, prefetch_factor: int = 2) -> DataLoader:
@@ -32,11 +33,44 @@ def padded_batches(loader: DataLoader, steps: int, stream: ParquetStream) -> Ite
     """
     schema = stream.schema
     produced = 0
-    for batch in loader:
-        if produced == steps:
-            return
-        yield batch
-        produced += 1
+    batches = iter(loader)
+    failure = None
+    try:
+        for batch in batches:
+            if produced == steps:
+                return
+            yield batch
+            produced += 1
+    except DataError as e:
+        failure = worker_error_message(e)
+    if failure is not None:
+        # Stop the workers now: the DataLoader does not on a worker error, and its iterator,
+        # kept alive by the error's reference cycle, would otherwise be collected later (maybe
+        # in a forked child, which cannot stop them). Raised outside the except block so no
+        # worker traceback is chained to the one-line error.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        del batches
+        raise DataError(failure)
     pad = padding_batch(schema.num_dense, schema.feature_names, len(schema.label_columns), schema.weighted)
     for _ in range(steps - produced):
         yield pad
+
+
+def worker_error_message(error: DataError) -> str:
+    """The original one-line message of a DataError raised in a DataLoader worker.
+
+    The DataLoader re-raises a worker's exception in the main process as the same class with
+    "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...", the worker's
+    traceback ending in "data.schema.DataError: <message>". Keep just <message>.
+    """
+    text = str(error)
+    if not text.startswith("Caught DataError in "):
+        return text
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    at = text.rfind(marker)
+    if at < 0:
+        marker = f"{DataError.__qualname__}: "
+        at = text.rfind(marker)
+    return text[at + len(marker):].strip() if at >= 0 else text

@@ -24,13 +24,14 @@ class LogWindow:
     def reset(self) -> None:
         self.loss_sums: torch.Tensor | None = None  # [1 + T]: weighted total, then each task
         self.samples = 0
-        self.id_stats = np.zeros((self.num_features, 3), dtype=np.int64)
+        self.id_stats = np.zeros((self.num_features, len(COUNTER_NAMES)), dtype=np.int64)
         self.null_dense = 0
         self.negative_dense = 0
+        self.dropped_rows = 0
         self.started = time.perf_counter()
 
     def add(self, batch: Batch, task_losses: torch.Tensor, task_weights: torch.Tensor) -> None:
-        n = batch.batch_size if batch.slot >= 0 else 0
+        n = batch.num_samples
         losses = torch.cat([(task_losses * task_weights.to(task_losses)).sum().reshape(1), task_losses])
         sums = losses.detach().double() * n
         self.loss_sums = sums if self.loss_sums is None else self.loss_sums + sums
@@ -39,12 +40,14 @@ class LogWindow:
             self.id_stats += batch.id_stats
         self.null_dense += batch.null_dense
         self.negative_dense += batch.negative_dense
+        self.dropped_rows += batch.dropped_rows
 
     def reduce(self, device: torch.device) -> dict:
         losses = self.loss_sums if self.loss_sums is not None else torch.zeros(1 + self.num_tasks)
         packed = torch.cat([
             losses.double().to(device),
-            torch.tensor([self.samples, self.null_dense, self.negative_dense], dtype=torch.float64, device=device),
+            torch.tensor([self.samples, self.null_dense, self.negative_dense, self.dropped_rows],
+                         dtype=torch.float64, device=device),
             torch.from_numpy(self.id_stats.sum(axis=0).astype(np.float64)).to(device),
         ])
         dist.all_reduce(packed)
@@ -52,9 +55,10 @@ class LogWindow:
         t = 1 + self.num_tasks
         samples = int(values[t])
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        counters = {f"{name}_ids": values[t + 3 + i] for i, name in enumerate(COUNTER_NAMES)}
+        counters = {f"{name}_ids": values[t + 4 + i] for i, name in enumerate(COUNTER_NAMES)}
         counters["null_dense_values"] = values[t + 1]
         counters["negative_dense_values"] = values[t + 2]
+        counters["dropped_rows"] = values[t + 3]
         self.reset()
         denom = max(samples, 1)
         return {"loss": values[0] / denom, "task_losses": [v / denom for v in values[1:t]], "samples": samples,

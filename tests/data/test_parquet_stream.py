@@ -100,6 +100,7 @@ def test_discovers_all_row_groups_in_sorted_file_order(dataset):
     assert [p.num_rows for p in s.pieces] == [10, 10, 10, 7, 8, 3, 12, 41]
     assert [Path(p.path).name for p in s.pieces] == ["a.parquet"] * 4 + ["b.parquet"] * 3 + ["d.parquet"]
     assert [p.row_group for p in s.pieces] == [0, 1, 2, 3, 0, 1, 2, 0]
+    assert [p.first_row for p in s.pieces] == [0, 10, 20, 30, 0, 8, 11, 0]  # file-relative, for error messages
 
 
 def test_single_process_reads_everything_in_order(dataset):
@@ -389,17 +390,26 @@ def test_single_file_path(tmp_path):
 def test_null_label_in_stream_raises(tmp_path):
     t = _rows(0, 4)
     t = t.set_column(t.schema.get_field_index("label"), "label", pa.array([1, None, 0, 1], pa.int64()))
-    pq.write_table(t, tmp_path / "x.parquet")
+    pq.write_table(t, tmp_path / "x.parquet", write_statistics=False)
     s = _stream(str(tmp_path))
-    with pytest.raises(DataError, match="'label'"):
+    with pytest.raises(DataError, match=r"x.parquet: column 'label' row 1: label is null"):
         list(s)
+
+
+def test_null_label_proven_by_footer_statistics_fails_at_construction(tmp_path):
+    t = _rows(0, 4)
+    t = t.set_column(t.schema.get_field_index("label"), "label", pa.array([1, 0, 0, None], pa.int64()))
+    pq.write_table(t, tmp_path / "x.parquet")
+    with pytest.raises(DataError, match=r"x.parquet: column 'label' row 3: label is null \(1 null among the 4 rows"):
+        _stream(str(tmp_path))
 
 
 def test_bad_ids_in_later_file_name_file_and_column(tmp_path):
     pq.write_table(_rows(0, 4), tmp_path / "a.parquet")
     bad = _rows(4, 8)
     bad = bad.set_column(bad.schema.get_field_index("s"), "s", pa.array([4, 5, 60, 7], pa.int64()))
-    pq.write_table(bad, tmp_path / "b.parquet")
+    # without footer statistics the bad id can only be found when its row is read
+    pq.write_table(bad, tmp_path / "b.parquet", write_statistics=False)
     strict = Schema(SCHEMA.label_columns, SCHEMA.dense_columns, SCHEMA.features, id_policy="strict")
     stream = ParquetStream(str(tmp_path), strict, batch_size=2)
     it = iter(stream)
@@ -408,5 +418,19 @@ def test_bad_ids_in_later_file_name_file_and_column(tmp_path):
         next(it)
     msg = str(e.value)
     assert "'s'" in msg and "id 60" in msg and "[0, 10)" in msg
-    assert str(tmp_path / "b.parquet") in msg
-    assert "from row 6" in msg
+    # the offending id's own file and file-relative row (global row 6 is b.parquet's row 2)
+    assert msg.startswith(f"{tmp_path / 'b.parquet'}: column 's' row 2: id 60 is outside [0, 10)")
+    assert "\n" not in msg
+
+
+def test_bad_ids_proven_by_footer_statistics_fail_at_construction(tmp_path):
+    pq.write_table(_rows(0, 4), tmp_path / "a.parquet")
+    bad = _rows(4, 12)
+    bad = bad.set_column(bad.schema.get_field_index("s"), "s", pa.array([4, 5, 6, 7, 8, 9, -3, 1], pa.int64()))
+    pq.write_table(bad, tmp_path / "b.parquet", row_group_size=4)  # the bad id is in row group 1
+    strict = Schema(SCHEMA.label_columns, SCHEMA.dense_columns, SCHEMA.features, id_policy="strict")
+    with pytest.raises(DataError) as e:
+        ParquetStream(str(tmp_path), strict, batch_size=2)
+    assert str(e.value).startswith(f"{tmp_path / 'b.parquet'}: column 's' row 6: id -3 is outside [0, 10)")
+    # the same data under modulo is fine: statistics are only checked against strict/binary rules
+    assert ParquetStream(str(tmp_path), SCHEMA, batch_size=2).total_rows == 12

@@ -96,6 +96,36 @@ def test_strict_raises_naming_where_and_fix(bad):
     assert "num_embeddings" in msg and "modulo" in msg  # how to fix it
 
 
+def test_uint64_ids_keep_their_unsigned_value():
+    big = 2**64 - 3  # an int64 cast would make this -3
+    ids = np.array([1, big, 2**63, 7], dtype=np.uint64)
+    out, neg, oor = map_ids(ids, 10, "modulo", "w")
+    assert out.tolist() == [1, big % 10, 2**63 % 10, 7] and out.dtype == np.int64
+    assert (neg, oor) == (0, 2)
+    out, neg, oor = map_ids(ids, 10, "hash", "w")
+    signed, _, _ = map_ids(ids.astype(np.int64), 10, "hash", "w")
+    np.testing.assert_array_equal(out, signed)  # splitmix64 sees the same 64 bits either way
+    assert (neg, oor) == (0, 2)
+    out, neg, oor = map_ids(np.array([0, 9], dtype=np.uint64), 10, "strict", "w")
+    assert out.tolist() == [0, 9] and out.dtype == np.int64
+    with pytest.raises(DataError) as e:
+        map_ids(ids, 10, "strict", "f.parquet: column 'c'")
+    assert str(e.value).startswith(f"f.parquet: column 'c': id {big} is outside [0, 10) (0 negative, 2 too large")
+
+
+def test_strict_where_callable_gets_the_index_of_the_first_bad_id():
+    seen = []
+
+    def where(j: int) -> str:
+        seen.append(j)
+        return f"f.parquet: column 'c' row {j * 10}"
+
+    with pytest.raises(DataError) as e:
+        map_ids(np.array([1, 2, -4, 50], dtype=np.int64), 10, "strict", where)
+    assert seen == [2]
+    assert str(e.value).startswith("f.parquet: column 'c' row 20: id -4 is outside [0, 10)")
+
+
 def test_unknown_policy():
     with pytest.raises(DataError, match="unknown id policy"):
         map_ids(np.array([1]), 10, "wrap", "w")
@@ -153,8 +183,8 @@ def test_scalar_and_list_columns_with_nulls():
     lengths, values = _kjt(b, "m")
     assert lengths == [3, 0, 0, 2]  # null list -> empty bag, null element dropped
     assert values == [1, 2, 3, 4, 5]
-    # id_stats rows follow feature order: negative, out_of_range, null
-    np.testing.assert_array_equal(b.id_stats, [[1, 1, 1], [0, 0, 2]])
+    # id_stats rows follow feature order: negative, out_of_range, null, truncated
+    np.testing.assert_array_equal(b.id_stats, [[1, 1, 1, 0], [0, 0, 2, 0]])
     assert b.id_stats.dtype == np.int64
     # dense: nulls -> 0, counted
     torch.testing.assert_close(b.dense, torch.tensor([[1, 0], [0, 0], [3, 7], [4, 8]], dtype=torch.float32))

@@ -142,6 +142,7 @@ def test_inspect_matches_pyarrow(synth_dir):
             assert s["negative"] == int((np_vals < 0).sum())
     text = format_report(report)
     assert f"{ROWS} rows" in text and "cat_25" in text and "max_len=" in text
+    assert report["problems"] == [] and text.endswith("no problems found")
 
 
 def test_inspect_hand_built_file(tmp_path):
