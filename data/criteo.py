@@ -310,7 +310,8 @@ class _PartWriter:
         table = pa.concat_tables(self._pending)
         if self._writer is None:
             self.paths.append(f"{self.stem}-{len(self.paths):05d}{_PARTIAL}")
-            self._writer = pq.ParquetWriter(self.paths[-1], self.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self.paths[-1], self.schema, compression="zstd",
+                                            write_page_checksum=True)
         self._writer.write_table(table.slice(0, n), row_group_size=n)
         rest = table.slice(n)
         self._pending = [rest] if rest.num_rows else []

@@ -419,7 +419,7 @@ def _write(out: Path, splits: dict[str, pa.Table], meta: dict, row_group_rows: i
     for name, table in splits.items():
         (out / name).mkdir(parents=True, exist_ok=True)
         paths[name] = out / name / "part-00000.parquet"
-        pq.write_table(table, paths[name], row_group_size=row_group_rows)
+        pq.write_table(table, paths[name], row_group_size=row_group_rows, write_page_checksum=True)
     paths["meta"] = out / "meta.json"
     paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
     return paths

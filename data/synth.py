@@ -240,6 +240,6 @@ def write_synthetic(out: str | Path, rows: int, seed: int = 0, files: int = 1,
     for k in range(files):
         lo, hi = rows * k // files, rows * (k + 1) // files
         path = out / f"part-{k:05d}.parquet"
-        pq.write_table(table.slice(lo, hi - lo), path, row_group_size=row_group_rows)
+        pq.write_table(table.slice(lo, hi - lo), path, row_group_size=row_group_rows, write_page_checksum=True)
         paths.append(path)
     return paths

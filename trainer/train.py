@@ -180,7 +180,7 @@ class Trainer:
             self.state.step_in_epoch += 1
             if task_losses is not None:  # None: a skipped non-finite step
                 self._window.add(batch, task_losses, self._task_weights)
-                self.rank_samples += batch.batch_size if batch.slot >= 0 else 0
+                self.rank_samples += batch.num_samples
             progress.update(1)
             step = self.state.step
             if step % cfg.train.log_every == 0 or step == self.total_steps:

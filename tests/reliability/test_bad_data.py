@@ -735,6 +735,6 @@ def test_cli_inspect_lists_the_problems(tmp_path):
     (tmp_path / "a.parquet").write_text("label\n1\n")
     pq.write_table(_rows(0, 10), tmp_path / "b.parquet")
     proc = _cli("data", "inspect", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # a dataset with problems: scripts can gate on it
     assert f"{tmp_path / 'a.parquet'}: not a Parquet file (it starts with b'labe'" in proc.stdout
     assert "1 problem(s):" in proc.stdout and "10 rows" in proc.stdout

@@ -56,7 +56,7 @@ def _inspect(args) -> int:
 
     report = inspect_dataset(args.path)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    return 1 if report.get("problems") else 0  # scripts can gate on a clean dataset
 
 
 def _criteo(args) -> int:
