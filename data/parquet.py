@@ -611,6 +611,11 @@ class ParquetStream(IterableDataset):
         self.epoch = 0
         self.positions: dict[int, int] = {}  # slot -> rows consumed this epoch
         self.rotation = 0  # which of this rank's slots the first DataLoader worker serves
+        # After a change of world size (or data.num_workers) mid-epoch: the rest of the epoch is
+        # the rows the old slots had not consumed, as runs (base slot, from, to) of the base
+        # layout's slot sequences (`base_slots` slots); slot j reads its share of them in order.
+        self.base_slots = self.num_slots
+        self.carry: list[tuple[int, int, int]] | None = None
         self._file_cache: dict[str, pq.ParquetFile] = {}
         self._rg_cache: tuple[tuple[str, int], pa.Table] | None = None
 
@@ -632,10 +637,17 @@ class ParquetStream(IterableDataset):
         order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.pieces))
         return [self.pieces[i] for i in order]
 
-    def slot_range(self, slot: int) -> tuple[int, int]:
-        return self.total_rows * slot // self.num_slots, self.total_rows * (slot + 1) // self.num_slots
+    def slot_range(self, slot: int, num_slots: int | None = None) -> tuple[int, int]:
+        """Rows [lo, hi) of the epoch's row sequence that `slot` of `num_slots` (default: this
+        layout's) reads."""
+        n = num_slots or self.num_slots
+        return self.total_rows * slot // n, self.total_rows * (slot + 1) // n
 
     def slot_rows(self, slot: int) -> int:
+        """Rows the slot reads this epoch: its base range, or its share of the carried rows."""
+        if self.carry is not None:
+            lo, hi = self._carry_range(slot)
+            return hi - lo
         lo, hi = self.slot_range(slot)
         return hi - lo
 
@@ -646,9 +658,40 @@ class ParquetStream(IterableDataset):
             for s in self.rank_slots()
         )
 
+    # ---- carried rows (after a change of layout mid-epoch)
+    def _carry_range(self, slot: int) -> tuple[int, int]:
+        """The slot's share [lo, hi) of the carried rows, in carry order."""
+        total = sum(b - a for _, a, b in self.carry)
+        return total * slot // self.num_slots, total * (slot + 1) // self.num_slots
+
+    def _carry_runs(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """Carried rows [lo, hi) as runs (base slot, from, to)."""
+        runs, start = [], 0
+        for slot, a, b in self.carry:
+            end = start + b - a
+            if end > lo and start < hi:
+                runs.append((slot, a + max(lo, start) - start, a + min(hi, end) - start))
+            start = end
+        return runs
+
+    def unconsumed_runs(self) -> list[tuple[int, int, int]]:
+        """What this rank's slots have not consumed this epoch, as runs of the base layout."""
+        runs = []
+        for slot in self.rank_slots():
+            pos = self.positions.get(slot, 0)
+            if self.carry is None:
+                lo, hi = self.slot_range(slot)
+                if pos < hi - lo:
+                    runs.append((slot, pos, hi - lo))
+            else:
+                lo, hi = self._carry_range(slot)
+                runs += self._carry_runs(lo + pos, hi)
+        return runs
+
     # ---- cursor
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.positions, self.rotation = epoch, {}, 0
+        self.base_slots, self.carry = self.num_slots, None
 
     def advance(self, batch: Batch) -> None:
         """Record that the trainer consumed `batch` (called in the main process)."""
@@ -662,23 +705,42 @@ class ParquetStream(IterableDataset):
             "positions": {str(k): v for k, v in self.positions.items()},
             "rotation": self.rotation,
             "num_slots": self.num_slots,
+            "base_slots": self.base_slots,
+            "carry": [list(r) for r in self.carry] if self.carry is not None else None,
+            "unconsumed": [list(r) for r in self.unconsumed_runs()],
             "cursor": {str(s): self.describe_position(s) for s in self.rank_slots()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
+        """Take up this rank's slots where they stopped (same layout: world size x data.num_workers)."""
         if int(state["num_slots"]) != self.num_slots:
-            raise DataError(
-                f"data cursor was saved with {state['num_slots']} reader slots, now {self.num_slots}; "
-                "resume with the same world size and data.num_workers"
-            )
+            raise DataError(f"data cursor was saved with {state['num_slots']} reader slots, now {self.num_slots}; "
+                            f"resume with the same layout, or pass every rank's state to carry_over()")
+        self.epoch = int(state["epoch"])
+        self.base_slots = int(state.get("base_slots", self.num_slots))
         self.positions = {int(k): int(v) for k, v in state["positions"].items()}
         self.rotation = int(state["rotation"])
+        self.carry = [tuple(r) for r in state["carry"]] if state.get("carry") is not None else None
+
+    def carry_over(self, states: list[dict]) -> None:
+        """Continue an epoch that another layout (world size x data.num_workers) started, from
+        every old rank's saved state: the rest of the epoch is exactly the rows no old slot
+        consumed, shared out over the new slots; nothing is seen twice, nothing skipped."""
+        if any("unconsumed" not in st for st in states):
+            raise DataError("this checkpoint's data cursor predates layout changes; resume it with the world size "
+                            "and data.num_workers it was written with")
+        self.epoch = int(states[0]["epoch"])
+        self.base_slots = int(states[0]["base_slots"])
+        self.carry = [tuple(r) for st in states for r in st["unconsumed"]]
+        self.positions, self.rotation = {}, 0
 
     def describe_position(self, slot: int) -> dict:
         """File, row group and offset of a slot's next unread row (for humans and logs)."""
-        lo, hi = self.slot_range(slot)
         pos = self.positions.get(slot, 0)
+        if self.carry is not None:
+            lo, hi = self._carry_range(slot)
+            return {"carried_rows": hi - lo, "rows_consumed": pos}
+        lo, hi = self.slot_range(slot)
         target = lo + min(pos, hi - lo)
         window = pos // self.window
         start = 0
@@ -728,12 +790,15 @@ class ParquetStream(IterableDataset):
             start = end
         return _concat(parts)
 
-    def _slot_rows(self, slot: int, position: int, pieces: list[Piece]) -> Iterator[tuple[pa.Table, np.ndarray]]:
-        """The slot's rows from `position` on, window by window, each window permuted; with each
-        row's index in the epoch's row sequence (its origin, for error messages)."""
-        lo, hi = self.slot_range(slot)
+    def _slot_rows(self, slot: int, position: int, pieces: list[Piece], num_slots: int | None = None,
+                   end: int | None = None) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        """Rows [position, end) of the slot's sequence (default: to its end), window by window,
+        each window permuted; with each row's index in the epoch's row sequence (its origin, for
+        error messages). `num_slots` picks the layout (default: this one)."""
+        lo, hi = self.slot_range(slot, num_slots)
+        end = hi - lo if end is None else end
         first = position // self.window
-        for w in range(first, math.ceil((hi - lo) / self.window)):
+        for w in range(first, math.ceil(end / self.window)):
             a, b = lo + w * self.window, min(hi, lo + (w + 1) * self.window)
             rows = self._read_rows(pieces, a, b)
             origin = np.arange(a, b, dtype=np.int64)
@@ -742,7 +807,14 @@ class ParquetStream(IterableDataset):
                 rows = rows.take(pa.array(perm))
                 origin = origin[perm]
             skip = position - w * self.window if w == first else 0
-            yield (rows.slice(skip), origin[skip:]) if skip else (rows, origin)
+            stop = min(b - a, end - w * self.window)
+            yield rows.slice(skip, stop - skip), origin[skip:stop]
+
+    def _carried_rows(self, slot: int, position: int, pieces: list[Piece]) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        """The slot's share of the carried rows from `position` on, read from the base layout."""
+        lo, hi = self._carry_range(slot)
+        for base_slot, a, b in self._carry_runs(lo + position, hi):
+            yield from self._slot_rows(base_slot, a, pieces, num_slots=self.base_slots, end=b)
 
     def _slot_batches(self, slot: int) -> Iterator[Batch]:
         position = self.positions.get(slot, 0)
@@ -775,7 +847,8 @@ class ParquetStream(IterableDataset):
             batch.slot, batch.position = slot, position
             return batch
 
-        for chunk, origin in self._slot_rows(slot, position, pieces):
+        source = self._carried_rows if self.carry is not None else self._slot_rows
+        for chunk, origin in source(slot, position, pieces):
             pending.append((chunk, origin))
             pending_rows += chunk.num_rows
             while pending_rows >= self.batch_size:

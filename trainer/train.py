@@ -45,21 +45,28 @@ class Trainer:
         self.eval_stream = (
             build_stream(cfg, self.schema, self.ctx, cfg.data.eval_path, train=False) if cfg.data.eval_path else None
         )
+        self.schedule = LRSchedule(self.optimizer, self.model.fused_optimizer, cfg.optimizer, 1)
         # Every epoch has the same length: slots are balanced to within one row.
-        self.steps_per_epoch = all_reduce_max(self.train_stream.remaining_batches(), self.ctx.device)
-        full = self.steps_per_epoch * cfg.train.epochs
-        self.total_steps = min(cfg.train.max_steps, full) if cfg.train.max_steps else full
-        self.schedule = LRSchedule(self.optimizer, self.model.fused_optimizer, cfg.optimizer, self.total_steps)
+        self._set_horizon(all_reduce_max(self.train_stream.remaining_batches(), self.ctx.device))
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
         self.run_dir = Path(cfg.train.run_dir)
         self.logger = RunLogger(cfg.log_dir, self.run_dir, self.ctx.is_main, cfg.logging.tensorboard)
-        self.state = TrainState(world_size=self.ctx.world_size, config=cfg.to_dict())
+        self.state = TrainState(world_size=self.ctx.world_size, config=cfg.to_dict(),
+                                global_batch=cfg.data.batch_size * self.ctx.world_size,
+                                steps_per_epoch=self.steps_per_epoch)
         self.tasks = self.rec_model.tasks
         self._window = LogWindow(len(self.schema.features), len(self.tasks))
         self.rank_samples = 0  # real samples this rank trained on (summed across ranks when saved)
         self.best = _best_tracker(cfg, self.tasks)
         self._task_weights = torch.tensor([t.weight for t in self.tasks])
         self._last_eval: tuple[int, dict] | None = None
+
+    def _set_horizon(self, steps_per_epoch: int) -> None:
+        """The run's length in steps (epochs, capped by train.max_steps): the LR schedule's horizon."""
+        self.steps_per_epoch = steps_per_epoch
+        full = steps_per_epoch * self.cfg.train.epochs
+        self.total_steps = min(self.cfg.train.max_steps, full) if self.cfg.train.max_steps else full
+        self.schedule.total_steps = max(1, self.total_steps)
 
     # ------------------------------------------------------------------ checkpoints
     def app_state(self) -> dict:
@@ -110,20 +117,37 @@ class Trainer:
         self.rank_samples = saved.samples if self.ctx.is_main else 0
         if self.best:
             self.best.load_state_dict(saved.best)
-        same_slots = saved.world_size == self.ctx.world_size and \
-            int(saved.data[self.ctx.rank]["num_slots"]) == self.train_stream.num_slots
-        if same_slots:
+        self._keep_run_meaning(saved)
+        same_layout = saved.world_size == self.ctx.world_size and \
+            int(saved.data[0]["num_slots"]) == self.train_stream.num_slots
+        if same_layout:
             self.state.step_in_epoch = saved.step_in_epoch
             self.train_stream.load_state_dict(saved.data[self.ctx.rank])
             restore_rng(saved.rng[self.ctx.rank])
         else:
-            log.warning("checkpoint was written by %d ranks, now %d (or data.num_workers changed): model and "
-                        "optimizer resharded; the data cursor restarts epoch %d from its beginning",
-                        saved.world_size, self.ctx.world_size, saved.epoch)
             self.state.step_in_epoch = 0
-            self.train_stream.set_epoch(saved.epoch)
+            self.train_stream.carry_over(saved.data)
+            log.warning("checkpoint was written by %d ranks, now %d (or data.num_workers changed): model and "
+                        "optimizer resharded; epoch %d goes on with the rows no rank had read (this rank: %d "
+                        "batches of %d)", saved.world_size, self.ctx.world_size, saved.epoch,
+                        self.train_stream.remaining_batches(), self.train_stream.batch_size)
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
         return True
+
+    def _keep_run_meaning(self, saved: TrainState) -> None:
+        """At another world size, keep the global batch (rows per step) and the LR horizon of the
+        run's first start, so the schedule and the end point do not move."""
+        world = self.ctx.world_size
+        if saved.global_batch:
+            if saved.global_batch % world:
+                raise ConfigError(f"config key 'data.batch_size': the run's global batch is {saved.global_batch} "
+                                  f"rows, which {world} ranks cannot share evenly; resume on a world size that "
+                                  f"divides it")
+            self.train_stream.batch_size = saved.global_batch // world
+            self.state.global_batch = saved.global_batch
+        if saved.steps_per_epoch:
+            self._set_horizon(saved.steps_per_epoch)
+            self.state.steps_per_epoch = saved.steps_per_epoch
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -135,8 +159,8 @@ class Trainer:
         self._describe()
         final_metrics: dict = {}
         stopped = False
-        finished_before = resumed and (self.state.step >= self.total_steps or self._early_stopped())
-        while self.state.step < self.total_steps and not stopped and not self._early_stopped():
+        finished_before = resumed and self._finished()
+        while not stopped and not self._finished():
             stopped = self._train_epoch()
         if stopped:
             log.info("stopped at step %d (train.stop_at_step); run the same command again to resume",
@@ -166,10 +190,18 @@ class Trainer:
     def _early_stopped(self) -> bool:
         return bool(self.best and self.best.should_stop)
 
+    def _finished(self) -> bool:
+        max_steps = self.cfg.train.max_steps
+        return (self.state.epoch >= self.cfg.train.epochs or bool(max_steps and self.state.step >= max_steps)
+                or self._early_stopped())
+
     def _train_epoch(self) -> bool:
         """Train to the end of the epoch (or of the run); True when stopped by train.stop_at_step."""
         cfg = self.cfg
-        remaining = min(self.steps_per_epoch - self.state.step_in_epoch, self.total_steps - self.state.step)
+        remaining = all_reduce_max(self.train_stream.remaining_batches(), self.ctx.device)
+        if cfg.train.max_steps:
+            remaining = min(remaining, cfg.train.max_steps - self.state.step)
+        last_step = self.state.step + remaining
         loader = make_loader(self.train_stream, self.ctx.device, cfg.data.prefetch_factor)
         batches = padded_batches(loader, remaining, self.train_stream)
         progress = self._progress_bar()
@@ -183,9 +215,9 @@ class Trainer:
                 self.rank_samples += batch.num_samples
             progress.update(1)
             step = self.state.step
-            if step % cfg.train.log_every == 0 or step == self.total_steps:
+            if step % cfg.train.log_every == 0 or step == last_step:
                 self._log_train(step)
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != self.total_steps:
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
                 self.run_eval()
             if ((cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
                     or step == cfg.train.stop_at_step) and not self._saved_at(step):
@@ -201,7 +233,7 @@ class Trainer:
         progress.close()
         if self._early_stopped():
             return False
-        if self.state.step_in_epoch >= self.steps_per_epoch:
+        if all_reduce_max(self.train_stream.remaining_batches(), self.ctx.device) == 0:
             self.state.epoch += 1
             self.state.step_in_epoch = 0
             self.train_stream.set_epoch(self.state.epoch)

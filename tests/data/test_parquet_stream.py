@@ -3,6 +3,8 @@ shuffling, resumable cursor, and per-file schema validation."""
 
 from __future__ import annotations
 
+import math
+
 import itertools
 from pathlib import Path
 
@@ -315,8 +317,53 @@ def test_state_with_other_slot_count_raises(dataset):
     saved = _stream(dataset, rank=0, world_size=2, num_workers=2).state_dict()
     assert saved["num_slots"] == 4
     other = _stream(dataset, rank=0, world_size=2, num_workers=1)
-    with pytest.raises(DataError, match="4 reader slots, now 2"):
+    with pytest.raises(DataError, match="4 reader slots, now 2.*carry_over"):
         other.load_state_dict(saved)
+
+
+def _read_all(streams: list[ParquetStream]) -> list[int]:
+    return [i for st in streams for b in _loader(st) for i in _ids(b)]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("old, new", [((2, 2), (1, 1)), ((1, 1), (2, 2)), ((2, 1), (3, 2)), ((3, 2), (2, 1))])
+def test_layout_change_mid_epoch_reads_every_row_exactly_once(dataset, shuffle, old, new):
+    """Stop part-way with one (world size, workers) layout, carry the epoch over to another,
+    and change again part-way through the carried rows: every row exactly once in all."""
+    kw = dict(batch_size=4, shuffle=shuffle, shuffle_buffer_rows=7 if shuffle else 0, seed=3)
+
+    def layout(world, workers):
+        return [_stream(dataset, rank=r, world_size=world, num_workers=workers, **kw) for r in range(world)]
+
+    first = layout(*old)
+    seen = [i for k, st in enumerate(first) for b in _consume(st, 2 + k) for i in b]
+    states = [st.state_dict() for st in first]
+    second = layout(*new)
+    for st in second:
+        st.carry_over(states)
+    assert sum(st.remaining_batches() for st in second) >= math.ceil((101 - len(seen)) / 4)
+    seen += [i for st in second for b in _consume(st, 1) for i in b]
+    # and once more, from the carried layout to the first one
+    third = layout(*old)
+    states = [st.state_dict() for st in second]
+    for st in third:
+        st.carry_over(states)
+    seen += _read_all(third)
+    assert sorted(seen) == list(range(101))
+
+
+def test_same_layout_resume_inside_carried_rows(dataset):
+    kw = dict(batch_size=3, shuffle=True, shuffle_buffer_rows=9, seed=1)
+    old = [_stream(dataset, rank=r, world_size=2, **kw) for r in range(2)]
+    seen = [i for st in old for b in _consume(st, 3) for i in b]
+    new = _stream(dataset, **kw)
+    new.carry_over([st.state_dict() for st in old])
+    seen += [i for b in _consume(new, 4) for i in b]
+    again = _stream(dataset, **kw)
+    again.load_state_dict(new.state_dict())  # same layout: the carry and position come back
+    assert again.remaining_batches() == new.remaining_batches()
+    seen += [i for b in _loader(again) for i in _ids(b)]
+    assert sorted(seen) == list(range(101))
 
 
 def test_set_epoch_resets_cursor(dataset):
