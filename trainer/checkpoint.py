@@ -270,6 +270,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.async_save = async_save
         self.last_stats: dict | None = None  # timings of the last completed save
+        self.totals = {"saves": 0, "blocking_s": 0.0, "write_s": 0.0, "saved_s": 0.0}  # all completed saves
         self._pending: _Save | None = None
         self._group = None  # gloo group for DCP's background collectives, created once
         self._stager = _Stager()
@@ -455,6 +456,9 @@ class Checkpointer:
                            "scan_s": job.scan_s, "stage_s": job.stage_s, "write_s": job.write_s,
                            "wait_s": job.wait_s, "commit_s": commit_s, "blocking_s": blocking,
                            "saved_s": sync_equivalent - blocking}
+        for key in ("blocking_s", "write_s", "saved_s"):
+            self.totals[key] += self.last_stats[key]
+        self.totals["saves"] += 1
         if job.mode == "async":
             log.info("checkpoint %s complete: written in %.2f s in the background, training blocked %.2f s "
                      "(%.2f s saved)", job.final.name, job.write_s, blocking, sync_equivalent - blocking)

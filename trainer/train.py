@@ -17,7 +17,7 @@ from data.batch import Batch
 from models.tasks import resolve_metric
 from trainer.best import BestTracker
 from trainer.build import build_sharded_model, build_stream
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, check_writable
 from trainer.config import ConfigError, RunConfig
 from trainer.config_diff import describe, resume_conflicts
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max, init_distributed
@@ -39,6 +39,9 @@ class Trainer:
         self.ctx = ctx or init_distributed(cfg.train.device)
         setup_console(self.ctx.rank)
         seed_everything(cfg.train.seed)
+        # Found now, not at the first save hours from now (every rank checks; all agree).
+        check_writable(cfg.checkpoint_dir)
+        check_writable(cfg.train.run_dir)
         self.model, self.rec_model, self.plan, self.schema = build_sharded_model(cfg, self.ctx)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.train_stream = build_stream(cfg, self.schema, self.ctx, cfg.data.train_path, train=True)
@@ -48,7 +51,7 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, self.model.fused_optimizer, cfg.optimizer, 1)
         # Every epoch has the same length: slots are balanced to within one row.
         self._set_horizon(all_reduce_max(self.train_stream.remaining_batches(), self.ctx.device))
-        self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.run_dir = Path(cfg.train.run_dir)
         self.logger = RunLogger(cfg.log_dir, self.run_dir, self.ctx.is_main, cfg.logging.tensorboard)
         self.state = TrainState(world_size=self.ctx.world_size, config=cfg.to_dict(),
@@ -174,9 +177,11 @@ class Trainer:
                 final_metrics = self.run_eval()
                 if self.ctx.is_main:
                     (self.run_dir / "eval_final.json").write_text(json.dumps(final_metrics) + "\n")
-            if self.cfg.checkpoint.at_end and not self._saved_at(self.state.step):
+            if self.cfg.checkpoint.at_end and not self.checkpointer.has_step(self.state.step):
                 self.save()
             self.logger.hparams(_flat_hparams(self.cfg), _flatten_metrics(final_metrics))
+        self.checkpointer.close()  # the last async save completes (renamed) before the run reports
+        self._report_saves()
         self.logger.close()
         samples = sum(all_gather_objects(self.rank_samples))
         result = {"step": self.state.step, "samples_trained": samples, "stopped": stopped,
@@ -220,7 +225,7 @@ class Trainer:
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
                 self.run_eval()
             if ((cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
-                    or step == cfg.train.stop_at_step) and not self._saved_at(step):
+                    or step == cfg.train.stop_at_step) and not self.checkpointer.has_step(step):
                 self.save()
             if step == cfg.train.stop_at_step:
                 progress.close()
@@ -262,6 +267,8 @@ class Trainer:
     def _skip_non_finite(self, error: NonFiniteLoss) -> None:
         """Apply train.non_finite_loss to a step whose loss is NaN/Inf (nothing was updated)."""
         step, cfg = self.state.step + 1, self.cfg.train
+        if cfg.non_finite_loss == "error" or self.state.skipped_steps >= cfg.max_skipped_steps:
+            self.checkpointer.finalize()  # a pending save passed its NaN scan: keep it before stopping
         latest = self.checkpointer.latest()
         where = f"the last checkpoint, {latest.name}, is intact" if latest else "no checkpoint was written"
         if cfg.non_finite_loss == "error":
@@ -359,9 +366,11 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.state.step, disable=not enabled, dynamic_ncols=True,
                     desc="train", mininterval=2.0)
 
-    def _saved_at(self, step: int) -> bool:
-        latest = self.checkpointer.latest()
-        return latest is not None and latest.name == f"step_{step:08d}"
+    def _report_saves(self) -> None:
+        totals = self.checkpointer.totals
+        if totals["saves"]:
+            log.info("%d checkpoint(s): %.2f s writing, training blocked %.2f s (%.2f s saved by async saves)",
+                     totals["saves"], totals["write_s"], totals["blocking_s"], totals["saved_s"])
 
 
 def _best_tracker(cfg: RunConfig, tasks) -> BestTracker | None:
