@@ -1,8 +1,10 @@
-"""`rectrain demo`: synthesize data if absent, train DLRM under torchrun, evaluate, summarize."""
+"""`rectrain demo`: synthesize data if absent, train DLRM on N workers (`rectrain launch`: a
+config or data error is one line and stops every worker), evaluate, summarize."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -10,12 +12,15 @@ from pathlib import Path
 
 import torch
 
+from trainer.commands.launch import launch
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "dlrm_synth.toml"
 
 
-def _run(cmd: list[str]) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+def _run(cmd: list[str]) -> int:
+    """Run a one-process rectrain command; its errors are already one line on its stderr."""
+    print("$ " + shlex.join(cmd), flush=True)
+    return subprocess.run(cmd).returncode
 
 
 def run_demo(run_dir: str, config: str | None, nproc: int, rows: int) -> int:
@@ -34,13 +39,18 @@ def run_demo(run_dir: str, config: str | None, nproc: int, rows: int) -> int:
                  f"train.run_dir={json.dumps(str(run))}"]
     sets = [a for o in overrides for a in ("--set", o)]
     started = time.time()
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-          "-m", "trainer", "train", "--config", config, *sets])
+    train = ["train", "--config", config, *sets]
+    print(f"$ rectrain launch --nproc {nproc} -- {shlex.join(train)}", flush=True)
+    code = launch(train, nproc=nproc)
+    if code:
+        return code
     train_seconds = time.time() - started
     # Evaluate the final checkpoint in a single process: a checkpoint written by N ranks loads at any world size.
     eval_out = run / "eval" / "demo.json"
-    _run([sys.executable, "-m", "trainer", "eval", "--config", config, *sets,
-          "--checkpoint", str(run / "checkpoints"), "--out", str(eval_out)])
+    code = _run([sys.executable, "-m", "trainer", "eval", "--config", config, *sets,
+                 "--checkpoint", str(run / "checkpoints"), "--out", str(eval_out)])
+    if code:
+        return code
     metrics = json.loads(eval_out.read_text())
     samples_per_sec = _mean_throughput(run / "metrics.jsonl")
     print("\n=== rectrain demo summary ===")
