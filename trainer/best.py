@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from models.tasks import resolve_metric
+from trainer.config import ConfigError
+
 
 @dataclass
 class BestState:
@@ -50,3 +53,14 @@ class BestTracker:
         saved = BestState(**state) if state else None
         same = saved is not None and (saved.metric, saved.higher_is_better) == (self.metric, self.higher_is_better)
         self.state = saved if same else self._fresh()
+
+
+def best_tracker(cfg, tasks) -> BestTracker | None:
+    """From `eval.*` (best_metric, patience, min_delta); None without a best_metric."""
+    if not cfg.best_metric:
+        return None
+    try:
+        higher = resolve_metric(tasks, cfg.best_metric)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return BestTracker(cfg.best_metric, higher, cfg.patience, cfg.min_delta)

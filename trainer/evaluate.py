@@ -61,3 +61,12 @@ def lookup_metric(metrics: dict, name: str) -> float:
     if group == "serving":
         return float(metrics["serving"][key])
     return float(metrics["tasks"][group][key] if "tasks" in metrics else metrics[key])
+
+
+def flatten_metrics(metrics: dict) -> dict[str, float]:
+    """{"auc": .., "tasks": {"click": {"auc": ..}}} -> {"auc": .., "click/auc": ..}."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for name, values in metrics.get("tasks", {}).items():
+        flat.update({f"{name}/{k}": v for k, v in values.items()})
+    flat.update({f"serving/{k}": v for k, v in metrics.get("serving", {}).items()})
+    return flat

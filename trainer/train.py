@@ -3,10 +3,8 @@ the loop. One code path for one process and for N torchrun workers."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -14,17 +12,17 @@ import torch
 import torch.distributed as dist
 
 from data.batch import Batch
-from models.tasks import resolve_metric
-from trainer.best import BestTracker
+from trainer.best import best_tracker
 from trainer.build import build_sharded_model, build_stream
 from trainer.checkpoint import Checkpointer, check_writable
 from trainer.config import ConfigError, RunConfig
 from trainer.config_diff import describe, resume_conflicts
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max, init_distributed
-from trainer.evaluate import evaluate, lookup_metric
+from trainer.evaluate import evaluate, flatten_metrics, lookup_metric
 from trainer.loader import make_loader, padded_batches
 from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
+from trainer.pipeline import pipelined_steps
 from trainer.run_state import TrainState, capture_rng, restore_rng, seed_everything
 from trainer.sharding import format_plan_rows, plan_rows
 from trainer.train_module import NonFiniteLoss
@@ -60,7 +58,7 @@ class Trainer:
         self.tasks = self.rec_model.tasks
         self._window = LogWindow(len(self.schema.features), len(self.tasks))
         self.rank_samples = 0  # real samples this rank trained on (summed across ranks when saved)
-        self.best = _best_tracker(cfg, self.tasks)
+        self.best = best_tracker(cfg.eval, self.tasks)
         self._task_weights = torch.tensor([t.weight for t in self.tasks])
         self._last_eval: tuple[int, dict] | None = None
 
@@ -179,7 +177,7 @@ class Trainer:
                     (self.run_dir / "eval_final.json").write_text(json.dumps(final_metrics) + "\n")
             if self.cfg.checkpoint.at_end and not self.checkpointer.has_step(self.state.step):
                 self.save()
-            self.logger.hparams(_flat_hparams(self.cfg), _flatten_metrics(final_metrics))
+            self.logger.hparams(_flat_hparams(self.cfg), flatten_metrics(final_metrics))
         self.checkpointer.close()  # the last async save completes (renamed) before the run reports
         self._report_saves()
         self.logger.close()
@@ -249,7 +247,10 @@ class Trainer:
         all-to-all of batch i+1 with batch i's compute. CPU: a plain loop."""
         # Skipping a non-finite step needs the forward apart from the backward: the plain loop.
         if self.ctx.device.type == "cuda" and self.cfg.train.non_finite_loss == "error":
-            yield from self._pipelined_steps(batches)
+            boundaries = [n for n in (self.cfg.eval.every_steps, self.cfg.checkpoint.every_steps) if n]
+            yield from pipelined_steps(self.model, self.optimizer, self.ctx.device, batches, self.state.step,
+                                       boundaries, self.cfg.train.stop_at_step,
+                                       lambda: self.schedule.apply(self.state.step))
             return
         for batch in batches:
             self.schedule.apply(self.state.step)
@@ -283,31 +284,6 @@ class Trainer:
                                 f"train.max_skipped_steps={cfg.max_skipped_steps}; {where}; lower the learning "
                                 f"rates or check the data")
 
-    def _pipelined_steps(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
-        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-        # Eval and checkpoints need the plain model, so the pipeline runs in segments that end
-        # at those steps; `execute_all_batches` drains each segment.
-        boundaries = [s for s in (self.cfg.eval.every_steps, self.cfg.checkpoint.every_steps) if s]
-        pending: deque[Batch] = deque()
-        batches = iter(batches)
-        while True:
-            segment = _take_until_boundary(batches, self.state.step, boundaries, self.cfg.train.stop_at_step)
-            first = next(segment, None)
-            if first is None:
-                return
-            feed = _recording(itertools.chain([first], segment), pending)
-            pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device, execute_all_batches=True)
-            while True:
-                self.schedule.apply(self.state.step)
-                try:
-                    task_losses, _, _, _ = pipeline.progress(feed)
-                except StopIteration:
-                    break
-                yield pending.popleft(), task_losses
-            if hasattr(pipeline, "detach"):
-                pipeline.detach()
-
     # ------------------------------------------------------------------ evaluation and logs
     def run_eval(self) -> dict:
         """Evaluate the current model (once per step) and track the best evaluation."""
@@ -316,7 +292,7 @@ class Trainer:
             return self._last_eval[1]
         metrics = evaluate(self.model, self.tasks, self.eval_stream, self.ctx.device, self.cfg.eval.max_batches)
         self._last_eval = (step, metrics)
-        flat = _flatten_metrics(metrics)
+        flat = flatten_metrics(metrics)
         self.logger.scalars(step, flat, "eval")
         log.info("eval @ step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in flat.items() if isinstance(v, float)))
         self._track_best(step, metrics)
@@ -373,25 +349,6 @@ class Trainer:
                      totals["saves"], totals["write_s"], totals["blocking_s"], totals["saved_s"])
 
 
-def _best_tracker(cfg: RunConfig, tasks) -> BestTracker | None:
-    if not cfg.eval.best_metric:
-        return None
-    try:
-        higher = resolve_metric(tasks, cfg.eval.best_metric)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return BestTracker(cfg.eval.best_metric, higher, cfg.eval.patience, cfg.eval.min_delta)
-
-
-def _flatten_metrics(metrics: dict) -> dict[str, float]:
-    """{"auc": .., "tasks": {"click": {"auc": ..}}} -> {"auc": .., "click/auc": ..}."""
-    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    for name, values in metrics.get("tasks", {}).items():
-        flat.update({f"{name}/{k}": v for k, v in values.items()})
-    flat.update({f"serving/{k}": v for k, v in metrics.get("serving", {}).items()})
-    return flat
-
-
 def _init_optimizer_state(optimizer, fused) -> None:
     """Materialize the lazy state of the unfused optimizers so DCP can load into it in place
     (FBGEMM allocates the fused state up front)."""
@@ -399,24 +356,6 @@ def _init_optimizer_state(optimizer, fused) -> None:
         if opt is not fused:
             opt.init_state()
     optimizer.zero_grad()
-
-
-def _take_until_boundary(batches, step: int, boundaries: list[int], stop_at: int):
-    """Batches up to the next eval/checkpoint/stop step."""
-    while True:
-        step += 1
-        batch = next(batches, None)
-        if batch is None:
-            return
-        yield batch
-        if step == stop_at or any(step % b == 0 for b in boundaries):
-            return
-
-
-def _recording(batches, pending: deque):
-    for batch in batches:
-        pending.append(batch)
-        yield batch
 
 
 def _flat_hparams(cfg: RunConfig) -> dict:
