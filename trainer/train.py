@@ -59,7 +59,7 @@ class Trainer:
         self._window = LogWindow(len(self.schema.features), len(self.tasks))
         self.rank_samples = 0  # real samples this rank trained on (summed across ranks when saved)
         self.best = best_tracker(cfg.eval, self.tasks)
-        self._task_weights = torch.tensor([t.weight for t in self.tasks])
+        self._task_weights = torch.tensor([t.weight for t in self.tasks], device=self.ctx.device)  # no copy per step
         self._last_eval: tuple[int, dict] | None = None
 
     def _set_horizon(self, steps_per_epoch: int) -> None:
