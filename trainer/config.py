@@ -7,6 +7,7 @@ dotted key that is wrong and how to fix it. This module knows nothing of torch.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -493,7 +494,20 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         return _build(RunConfig, raw, "")
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise ConfigError(f"{_blame(str(e), overrides) or path}: {e}" if path or overrides else str(e)) from None
+
+
+def _blame(message: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """`--set K=V` when the key the error names was set on the command line (not in the file)."""
+    match = re.search(r"config key '([^']+)'", message)
+    if not match:
+        return ""
+    key = match.group(1)
+    for assignment in reversed(overrides):
+        dotted = assignment.split("=", 1)[0].strip()
+        if key == dotted or key.startswith(dotted + ".") or key.startswith(dotted + "["):
+            return f"--set {assignment}"
+    return ""
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:

@@ -426,3 +426,14 @@ def test_multitask_needs_a_serving_weight(tmp_path):
     tasks = 'model.tasks=[{name = "y1", serving_weight = 0.0}, {name = "y2", serving_weight = 0.0}]'
     with pytest.raises(ConfigError, match=r"'model\.tasks'.*serving_weight"):
         load_config(_write(tmp_path, MINIMAL), ['data.label_columns=["y1", "y2"]', tasks])
+
+
+def test_error_from_an_override_blames_the_override_not_the_file(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.epochs=0"])
+    assert str(e.value).startswith("--set train.epochs=0: config key 'train.epochs'")
+    bad = _write(tmp_path, MINIMAL.replace("embedding_dim = 8", "embedding_dim = 0"), "bad.toml")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad, ["train.epochs=2"])
+    assert str(e.value).startswith(f"{bad}: config key 'model.embedding_dim'")
