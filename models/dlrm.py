@@ -38,6 +38,19 @@ def check_uniform_dim(model_cfg, name: str) -> int:
     return dim
 
 
+def check_bottom_meets_embeddings(model_cfg, num_dense: int, name: str) -> int:
+    """DLRM-style interactions combine the bottom MLP's output with every embedding: all must
+    share model.embedding_dim E, and there must be dense columns to feed the bottom MLP. Returns E."""
+    dim = check_uniform_dim(model_cfg, f"{name}'s interaction")
+    last = model_cfg.arch.dense_arch[-1]
+    if last != dim:
+        raise ArchConfigError(f"config key 'model.arch.dense_arch': the last size ({last}) must equal "
+                              f"model.embedding_dim ({dim}), the width of every vector {name}'s interaction combines")
+    if num_dense == 0:
+        raise ArchConfigError(f"config key 'data.dense_columns': {name} needs at least one dense column")
+    return dim
+
+
 @register("dlrm", config=DLRMConfig)
 class DLRM(RecModel):
     """
@@ -53,12 +66,7 @@ class DLRM(RecModel):
         super().__init__(tasks)
         arch: DLRMConfig = model_cfg.arch
         meta = torch.device("meta")
-        dim = check_uniform_dim(model_cfg, "dlrm's dot interaction")
-        if arch.dense_arch[-1] != dim:
-            raise ArchConfigError(f"config key 'model.arch.dense_arch': the last size ({arch.dense_arch[-1]}) "
-                                  f"must equal model.embedding_dim ({dim}) for the dot interaction")
-        if inputs.num_dense == 0:
-            raise ArchConfigError("config key 'data.dense_columns': dlrm needs at least one dense column")
+        dim = check_bottom_meets_embeddings(model_cfg, inputs.num_dense, "dlrm")
         tables = embedding_bag_configs(model_cfg)
         features = [f for t in tables for f in t.feature_names]
         self.dense_arch = MLP(inputs.num_dense, list(arch.dense_arch), device=meta)

@@ -12,8 +12,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from models.arches import MLP, FlatInputArch
 from models.cross import CrossNet
 from models.dcn_v2 import check_cross
-from models.dlrm import check_uniform_dim
-from models.registry import (ArchConfigError, ModelInputs, RecModel, check_dropout, check_layers,
+from models.dlrm import check_bottom_meets_embeddings
+from models.registry import (ModelInputs, RecModel, check_dropout, check_layers,
                              embedding_bag_configs, register)
 from models.tasks import Task
 
@@ -52,13 +52,7 @@ class DLRMDCNv2(RecModel):
         super().__init__(tasks)
         arch: DLRMDCNv2Config = model_cfg.arch
         meta = torch.device("meta")
-        dim = check_uniform_dim(model_cfg, "dlrm_dcnv2's cross interaction")
-        if arch.dense_arch[-1] != dim:
-            raise ArchConfigError(f"config key 'model.arch.dense_arch': the last size ({arch.dense_arch[-1]}) "
-                                  f"must equal model.embedding_dim ({dim}), the width of every vector the cross "
-                                  f"interaction combines")
-        if inputs.num_dense == 0:
-            raise ArchConfigError("config key 'data.dense_columns': dlrm_dcnv2 needs at least one dense column")
+        check_bottom_meets_embeddings(model_cfg, inputs.num_dense, "dlrm_dcnv2")
         tables = embedding_bag_configs(model_cfg)
         features = [f for t in tables for f in t.feature_names]
         ebc = EmbeddingBagCollection(tables=tables, is_weighted=inputs.weighted, device=meta)

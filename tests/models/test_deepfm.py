@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from data.batch import padding_batch
 from models.deepfm import DeepFM, DeepFMConfig
 from models.fm import DenseFMFields, FieldProjection, TaskScales, fm_interaction, fm_second_order, linear_table_dim
 from models.registry import MODELS, ModelInputs, build_model
@@ -270,15 +269,6 @@ def test_gradients_reach_every_part(labels):
         assert (shared[used].abs().sum(dim=1) > 0).all() and (shared[unused] == 0).all(), f
         first = table(model.first_order.embedding_bag_collection, f"fm1_t_{f}").grad
         assert (first[used, :T] != 0).all() and (first[:, T:] == 0).all() and (first[unused] == 0).all(), f
-
-
-def test_padding_batch_gives_zero_loss():
-    model = build()
-    pad = padding_batch(D, FEATURES, 1, weighted=False)
-    out = model(pad.dense, pad.sparse)
-    assert out["label"].shape == (1,) and torch.isfinite(out["label"]).all()
-    total, per_task = model.loss(out, pad.labels, pad.weights)
-    assert total.item() == 0.0 and per_task.tolist() == [0.0]
 
 
 # --------------------------------------------------------------------------- config

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from data.batch import padding_batch
 from models.fm import linear_table_dim
 from models.registry import MODELS, ModelInputs, build_model
 from models.wide_deep import WideDeep, WideDeepConfig
@@ -156,15 +155,6 @@ def test_gradients_reach_every_part(labels):
         if f in DEEP:
             g = table(model.deep_input.embedding_bag_collection, f"t_{f}").grad
             assert (g[used].abs().sum(dim=1) > 0).all() and (g[unused] == 0).all(), f
-
-
-def test_padding_batch_gives_zero_loss():
-    model = build()
-    pad = padding_batch(D, FEATURES, 1, weighted=False)
-    out = model(pad.dense, pad.sparse)
-    assert out["label"].shape == (1,) and torch.isfinite(out["label"]).all()
-    total, per_task = model.loss(out, pad.labels, pad.weights)
-    assert total.item() == 0.0 and per_task.tolist() == [0.0]
 
 
 def test_without_dense_columns():
