@@ -36,11 +36,16 @@ def padded_batches(loader: DataLoader, steps: int, stream: ParquetStream) -> Ite
     batches = iter(loader)
     failure = None
     try:
-        for batch in batches:
-            if produced == steps:
-                return
+        # Stop before pulling one batch too many: with num_workers = 0 reading it would move
+        # the stream's cursor past a batch that is never trained.
+        while produced < steps:
+            batch = next(batches, None)
+            if batch is None:
+                break
             yield batch
             produced += 1
+        else:
+            return
     except DataError as e:
         failure = worker_error_message(e)
     if failure is not None:

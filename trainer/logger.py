@@ -54,8 +54,8 @@ class RunLogger:
         if not self.enabled:
             return
         self.jsonl.close()
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None
+                and _step_of(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.jsonl = open(self.path, "a")
         if self.writer is not None:
@@ -86,3 +86,11 @@ class RunLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a blank or torn one (a crash mid-write)."""
+    try:
+        return int(json.loads(line).get("step", 0)) if line.strip() else None
+    except (ValueError, AttributeError):
+        return None

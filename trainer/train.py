@@ -18,6 +18,7 @@ from trainer.checkpoint import Checkpointer, check_writable
 from trainer.config import ConfigError, RunConfig
 from trainer.config_diff import describe, resume_conflicts
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max, init_distributed
+from trainer.errors import RunError
 from trainer.evaluate import evaluate, flatten_metrics, lookup_metric
 from trainer.loader import make_loader, padded_batches
 from trainer.logger import RunLogger, setup_console
@@ -161,8 +162,12 @@ class Trainer:
         final_metrics: dict = {}
         stopped = False
         finished_before = resumed and self._finished()
-        while not stopped and not self._finished():
-            stopped = self._train_epoch()
+        try:
+            while not stopped and not self._finished():
+                stopped = self._train_epoch()
+        except RunError:  # raised on every rank together (NaN loss, failed save): keep the pending save
+            self.checkpointer.finalize()
+            raise
         if stopped:
             log.info("stopped at step %d (train.stop_at_step); run the same command again to resume",
                      self.state.step)

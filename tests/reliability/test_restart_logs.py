@@ -33,3 +33,15 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     acc.Reload()
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert sorted(steps) == list(range(1, 10)), steps
+
+
+def test_rewind_survives_a_line_torn_by_a_crash(tmp_path):
+    from trainer.logger import RunLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    logger = RunLogger(tmp_path / "tb", tmp_path, enabled=True, tensorboard=False)
+    logger.rewind(1)
+    logger.scalars(2, {"loss": 0.3}, "train")
+    logger.close()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 0.5), (2, 0.3)]
