@@ -475,6 +475,9 @@ class Checkpointer:
         return f"the previous checkpoint {latest.name} is intact"
 
     def _write_error(self, job: _Save, failed: tuple[int, Any], failure: BaseException | None) -> BaseException:
+        """An OS failure (full disk, read-only, permissions) is the user's to fix: a one-line
+        RunError. Anything else inside DCP is a bug, not bad input: a RuntimeError with its cause
+        chained, so the traceback that shows it is kept."""
         agreed_rank, (origin, kind, code, text) = failed
         rank = agreed_rank if origin is None else origin
         if kind == "OSError":
