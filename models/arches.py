@@ -7,6 +7,8 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from models.registry import ArchConfigError, embedding_bag_configs
+
 
 class MLP(nn.Sequential):
     """[B, in] -> Linear/ReLU(/Dropout) stack -> [B, sizes[-1]]; the last layer is linear (no
@@ -86,3 +88,16 @@ class FlatInputArch(nn.Module):
         pooled = self.embedding_bag_collection(sparse).to_dict()
         dense = self.dense_arch(dense) if self.dense_arch is not None else dense
         return torch.cat([dense, *(pooled[f] for f in self.feature_names)], dim=1)
+
+    @classmethod
+    def over_all_tables(cls, model_cfg, inputs, dense_arch: list[int]) -> "FlatInputArch":
+        """On the meta device: one collection over every `model.tables` entry, the dense vector
+        through `dense_arch` (empty: raw). `inputs` is the model's ModelInputs."""
+        if dense_arch and inputs.num_dense == 0:
+            raise ArchConfigError("config key 'model.arch.dense_arch': there are no dense features to feed it; "
+                                  "set dense_arch = [] or list data.dense_columns")
+        meta = torch.device("meta")
+        tables = embedding_bag_configs(model_cfg)
+        ebc = EmbeddingBagCollection(tables=tables, is_weighted=inputs.weighted, device=meta)
+        return cls(inputs.num_dense, ebc, [f for t in tables for f in t.feature_names], list(dense_arch) or None,
+                   device=meta)

@@ -6,13 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP, FlatInputArch
 from models.cross import CrossNet
-from models.registry import (ArchConfigError, ModelInputs, RecModel, check_dropout, check_layers,
-                             embedding_bag_configs, register, require)
+from models.registry import ModelInputs, RecModel, check_dropout, check_layers, register, require
 from models.tasks import Task
 
 STRUCTURES = ("stacked", "parallel")
@@ -72,14 +70,8 @@ class DCNv2(RecModel):
         super().__init__(tasks)
         arch: DCNv2Config = model_cfg.arch
         meta = torch.device("meta")
-        if arch.dense_arch and inputs.num_dense == 0:
-            raise ArchConfigError("config key 'model.arch.dense_arch': there are no dense features to feed it; "
-                                  "set dense_arch = [] or list data.dense_columns")
-        tables = embedding_bag_configs(model_cfg)
-        features = [f for t in tables for f in t.feature_names]
-        ebc = EmbeddingBagCollection(tables=tables, is_weighted=inputs.weighted, device=meta)
         self.structure = arch.structure
-        self.input_arch = FlatInputArch(inputs.num_dense, ebc, features, list(arch.dense_arch) or None, device=meta)
+        self.input_arch = FlatInputArch.over_all_tables(model_cfg, inputs, arch.dense_arch)
         n = self.input_arch.out_features
         self.cross = CrossNet(n, arch.cross_layers, arch.low_rank, arch.num_experts, device=meta)
         self.deep = MLP(n, list(arch.deep_arch), device=meta, dropout=arch.dropout) if arch.deep_arch else None

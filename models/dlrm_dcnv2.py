@@ -6,15 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP, FlatInputArch
 from models.cross import CrossNet
 from models.dcn_v2 import check_cross
 from models.dlrm import check_bottom_meets_embeddings
-from models.registry import (ModelInputs, RecModel, check_dropout, check_layers,
-                             embedding_bag_configs, register)
+from models.registry import ModelInputs, RecModel, check_dropout, check_layers, register
 from models.tasks import Task
 
 
@@ -53,11 +51,8 @@ class DLRMDCNv2(RecModel):
         arch: DLRMDCNv2Config = model_cfg.arch
         meta = torch.device("meta")
         check_bottom_meets_embeddings(model_cfg, inputs.num_dense, "dlrm_dcnv2")
-        tables = embedding_bag_configs(model_cfg)
-        features = [f for t in tables for f in t.feature_names]
-        ebc = EmbeddingBagCollection(tables=tables, is_weighted=inputs.weighted, device=meta)
         # [bottom MLP(dense), emb_1, ..., emb_F] flattened: [B, E(F+1)]
-        self.input_arch = FlatInputArch(inputs.num_dense, ebc, features, list(arch.dense_arch), device=meta)
+        self.input_arch = FlatInputArch.over_all_tables(model_cfg, inputs, arch.dense_arch)
         n = self.input_arch.out_features
         self.interaction = CrossNet(n, arch.cross_layers, arch.low_rank, arch.num_experts, device=meta)
         self.over_arch = MLP(n, [*arch.over_arch, len(self.tasks)], last_linear=True, device=meta,

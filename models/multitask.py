@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP, FlatInputArch
-from models.registry import ArchConfigError, ModelInputs, RecModel, check_dropout, check_layers, embedding_bag_configs
+from models.registry import ModelInputs, RecModel, check_dropout, check_layers
 from models.tasks import Task
 
 META = torch.device("meta")
@@ -82,13 +81,7 @@ class MultiTaskModel(RecModel, metaclass=ABCMeta):
     def __init__(self, model_cfg, inputs: ModelInputs, tasks: list[Task]) -> None:
         super().__init__(tasks)
         arch: MultiTaskArch = model_cfg.arch
-        if arch.dense_arch and inputs.num_dense == 0:
-            raise ArchConfigError("config key 'model.arch.dense_arch': there are no dense features to feed it; "
-                                  "set dense_arch = [] or list data.dense_columns")
-        tables = embedding_bag_configs(model_cfg)
-        features = [f for t in tables for f in t.feature_names]
-        ebc = EmbeddingBagCollection(tables=tables, is_weighted=inputs.weighted, device=META)
-        self.input_arch = FlatInputArch(inputs.num_dense, ebc, features, list(arch.dense_arch) or None, device=META)
+        self.input_arch = FlatInputArch.over_all_tables(model_cfg, inputs, arch.dense_arch)
 
     @property
     def input_features(self) -> int:
