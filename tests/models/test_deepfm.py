@@ -60,6 +60,19 @@ def pairwise(vectors: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def linear_by_hand(linear, prefix: str, features: list[str], dense: torch.Tensor, tasks: int) -> torch.Tensor:
+    """A LinearArch's output computed from its own weights, float64 [B, T]: the looked-up
+    per-task id weights of `features` summed, plus the dense linear term."""
+    ebc = linear.embedding_bag_collection
+    want = torch.zeros(dense.shape[0], tasks, dtype=torch.float64)
+    for f in features:
+        weight = table(ebc, f"{prefix}t_{f}")
+        assert weight.shape == (SIZES[f], linear_table_dim(tasks))
+        for b, bag in enumerate(BAGS[f]):
+            want[b] += pooled(weight[:, :tasks], bag)
+    return want + dense.double() @ linear.dense_linear.weight.detach().double().t()
+
+
 def build(labels=("label",), num_dense: int = D, weighted: bool = False, seed: int = 0, **arch) -> DeepFM:
     cfg = model_cfg(arch=DeepFMConfig(**{"deep_arch": [8, 6], **arch}))
     model = build_model(cfg, ModelInputs(num_dense=num_dense, label_names=tuple(labels), weighted=weighted))
@@ -131,16 +144,8 @@ def test_first_order_is_sum_of_looked_up_weights_plus_dense_linear(labels):
     model = build(labels=labels)
     dense = torch.randn(4, D, generator=torch.Generator().manual_seed(3))
     got = model.components(dense, kjt(BAGS))["first_order"]
-    T = len(labels)
-    assert got.shape == (4, T)
-    linear = model.first_order.embedding_bag_collection
-    want = torch.zeros(4, T, dtype=torch.float64)
-    for f in FEATURES:
-        weight = table(linear, f"fm1_t_{f}")
-        assert weight.shape == (SIZES[f], linear_table_dim(T))
-        for b, bag in enumerate(BAGS[f]):
-            want[b] += pooled(weight[:, :T], bag)
-    want += dense.double() @ model.first_order.dense_linear.weight.detach().double().t()
+    assert got.shape == (4, len(labels))
+    want = linear_by_hand(model.first_order, "fm1_", FEATURES, dense, len(labels))
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
 
 

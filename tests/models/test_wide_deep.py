@@ -8,12 +8,11 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from models.fm import linear_table_dim
 from models.registry import MODELS, ModelInputs, build_model
 from models.wide_deep import WideDeep, WideDeepConfig
 from tests.conftest import ROOT
 from tests.models.helpers import kjt, materialize
-from tests.models.test_deepfm import BAGS, FEATURES, SIZES, D, E, model_cfg, pooled, table
+from tests.models.test_deepfm import BAGS, FEATURES, SIZES, D, E, linear_by_hand, model_cfg, pooled, table
 from trainer.build import build_unsharded_model
 from trainer.config import ConfigError, load_config
 
@@ -48,15 +47,8 @@ def test_wide_is_sum_of_wide_group_weights_plus_dense_linear(labels):
     dense = torch.randn(4, D, generator=torch.Generator().manual_seed(0))
     got = model.components(dense, kjt(BAGS))["wide"]
     assert got.shape == (4, T)
-    wide_ebc = model.wide.embedding_bag_collection
-    assert sorted(wide_ebc.embedding_bags) == [f"wide_t_{f}" for f in WIDE]
-    want = torch.zeros(4, T, dtype=torch.float64)
-    for f in WIDE:
-        weight = table(wide_ebc, f"wide_t_{f}")
-        assert weight.shape == (SIZES[f], linear_table_dim(T))
-        for b, bag in enumerate(BAGS[f]):
-            want[b] += pooled(weight[:, :T], bag)
-    want += dense.double() @ model.wide.dense_linear.weight.detach().double().t()
+    assert sorted(model.wide.embedding_bag_collection.embedding_bags) == [f"wide_t_{f}" for f in WIDE]
+    want = linear_by_hand(model.wide, "wide_", WIDE, dense, T)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
 
 
