@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from trainer.commands.launch import descendants  # noqa: E402
+
 CONFIG = ROOT / "configs" / "dlrm_debug.toml"
 ROWS = 2000  # 2 files of 1,000 rows, row groups of 500
 EVAL_ROWS = 300
@@ -95,41 +97,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # the fields after the command name
-        if int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        found = _children(todo.pop())
-        out += found
-        todo += found
-    return out
-
-
 def _stop_tree(proc: subprocess.Popen) -> None:
     """SIGTERM the command (the launcher passes it on to torchrun, which stops its workers); then
     SIGKILL whatever of the processes it started is still there. torchrun starts workers in
     sessions of their own, so the tree is walked through /proc rather than killed by group."""
-    started = set(_descendants(proc.pid))
+    started = set(descendants(proc.pid))
     try:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         pass
-    still = set(_descendants(proc.pid)) if proc.poll() is None else set()
+    still = set(descendants(proc.pid)) if proc.poll() is None else set()
     for pid in sorted(started | still):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, _env, sets
+from trainer.commands.launch import child_pids, descendants
 
 DEBUG_CONFIG = ROOT / "configs" / "dlrm_debug.toml"
 
@@ -49,23 +50,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (from the /proc/<pid>/stat of every process)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # The command name in parentheses may contain spaces; the fields after it are fixed.
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
 def environ_of(pid: int) -> dict[str, str]:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
@@ -86,15 +70,6 @@ def worker_pids(torchrun_pid: int) -> dict[int, int]:
 
 def python_cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        children = child_pids(todo.pop())
-        out += children
-        todo += children
-    return out
 
 
 def stop_group(proc: subprocess.Popen) -> None:

@@ -237,7 +237,7 @@ def _stop(proc: subprocess.Popen) -> None:
         return
     except subprocess.TimeoutExpired:
         pass
-    for pid in [*_children(proc.pid), proc.pid]:
+    for pid in [*descendants(proc.pid), proc.pid]:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
@@ -245,13 +245,31 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, from every process's /proc/<pid>/stat."""
     out = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            out += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    except OSError:
-        pass
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name in parentheses may contain spaces; the fields after it are fixed.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`. torchrun starts each worker in a session of its own, so a
+    process-group kill misses them; this walk does not."""
+    out, todo = [], [pid]
+    while todo:
+        found = child_pids(todo.pop())
+        out += found
+        todo += found
     return out
 
 
