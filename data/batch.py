@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.schema import COUNTER_NAMES
+
+if TYPE_CHECKING:
+    from data.schema import Schema
+
+# name -> (values int64 [n], lengths int64 [B])
+Extras = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -30,6 +37,8 @@ class Batch:
         data.non_finite = "drop_row"); `position` still counts them as consumed
     all_dropped: every row read for this batch was dropped; the batch is then one weight-0 row
         (like padding) that still carries slot/position so the cursor advances
+    extras: the schema's passthrough columns, raw: name -> (values int64 [n], lengths int64 [B]);
+        a null row has length 0
     """
 
     dense: torch.Tensor
@@ -43,6 +52,7 @@ class Batch:
     negative_dense: int = 0
     dropped_rows: int = 0
     all_dropped: bool = False
+    extras: Extras = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -60,6 +70,8 @@ class Batch:
             sparse=self.sparse.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             weights=self.weights.to(device, non_blocking=non_blocking),
+            extras={k: (v.to(device, non_blocking=non_blocking), n.to(device, non_blocking=non_blocking))
+                    for k, (v, n) in self.extras.items()},
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -68,6 +80,9 @@ class Batch:
         self.sparse.record_stream(stream)
         self.labels.record_stream(stream)
         self.weights.record_stream(stream)
+        for values, lengths in self.extras.values():
+            values.record_stream(stream)
+            lengths.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return replace(
@@ -76,11 +91,13 @@ class Batch:
             sparse=self.sparse.pin(),
             labels=self.labels.pin_memory(),
             weights=self.weights.pin_memory(),
+            extras={k: (v.pin_memory(), n.pin_memory()) for k, (v, n) in self.extras.items()},
         )
 
 
-def padding_batch(num_dense: int, keys: list[str], num_labels: int, weighted: bool) -> Batch:
-    """A one-row batch with weight 0.
+def padding_batch(num_dense: int, keys: list[str], num_labels: int, weighted: bool,
+                  passthrough: tuple[str, ...] | list[str] = ()) -> Batch:
+    """A one-row batch with weight 0 (every passthrough column: one empty row).
 
     Sharded lookups are collectives: every rank must run every step. A rank whose data ran out
     first feeds this so the others can finish; weight 0 keeps it out of loss and metrics.
@@ -97,4 +114,11 @@ def padding_batch(num_dense: int, keys: list[str], num_labels: int, weighted: bo
         labels=torch.zeros(1, num_labels),
         weights=torch.zeros(1),
         id_stats=np.zeros((n, len(COUNTER_NAMES)), dtype=np.int64),
+        extras={name: (torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)) for name in passthrough},
     )
+
+
+def padding_for(schema: "Schema") -> Batch:
+    """The padding batch of `schema`'s streams."""
+    return padding_batch(schema.num_dense, schema.feature_names, len(schema.label_columns), schema.weighted,
+                         schema.passthrough)

@@ -49,11 +49,17 @@ user appear in eval). A global time cut would avoid it, at the cost of users see
 Ratings of movies absent from ``movies.csv`` are kept (empty genres, null movie year) and counted
 in ``meta.json: missing_movies``; tags on movies nobody rated and that ``movies.csv`` lacks cannot
 reach any row and are counted too. Bad input raises ``DataError`` naming the file.
+
+Retrieval (``convert_movielens_retrieval``, ``rectrain data movielens --task retrieval``): the same
+reading, ids and time order, then data/retrieval.py's split and layout (OUT/train, OUT/eval,
+OUT/items): positives are ratings >= 4 (``--min-rating``), item features ``genres`` (numbered as
+above) and ``year_bucket``, the catalog holds every movie with its ``title`` and ``raw_id``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -423,3 +429,68 @@ def _write(out: Path, splits: dict[str, pa.Table], meta: dict, row_group_rows: i
     paths["meta"] = out / "meta.json"
     paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
     return paths
+
+
+# --------------------------------------------------------------------------- retrieval task
+
+POSITIVE_RATING = 4.0
+# Release year buckets of 5 years from 1900 (0: year unknown; 1: up to 1904; ...; the last: 2020 on).
+YEAR_BUCKET_BASE, YEAR_BUCKET_SPAN, YEAR_BUCKETS = 1900, 5, 26
+
+
+def convert_movielens_retrieval(src: str | Path, out: str | Path, *, max_history: int = 50,
+                                test_fraction: float = 0.2, min_rating: float = POSITIVE_RATING,
+                                row_group_rows: int = 65536) -> dict:
+    """Two-tower retrieval data from the release in `src` (the layout of data/retrieval.py):
+    positives are ratings >= `min_rating`; users are numbered by sorted ``userId`` (every user
+    who rated), items are every movie of ``movies.csv`` or ``ratings.csv`` numbered by sorted
+    ``movieId`` (``raw_id``). Item features: ``genres`` list<int64> (numbered alphabetically as in
+    the multi-task conversion) and ``year_bucket`` int64 (the title's year in 5-year buckets, 0
+    if unknown). The catalog's ``title`` is null for movies missing from ``movies.csv``.
+    Returns meta.json's content plus the written ``paths``."""
+    from data.retrieval import Feature, items_table, split_interactions, write_retrieval
+
+    _check_params(test_fraction, 0, row_group_rows)
+    if not math.isfinite(min_rating):
+        raise DataError(f"--min-rating must be a finite number of stars, got {min_rating}")
+    src, out = Path(src), Path(out)
+    ratings, movies, _ = _read_release(src)
+    r = _ratings_in_time_order(ratings)
+    movie_raw = np.unique(np.concatenate([r["movie_raw"], movies.column("movieId").to_numpy()]))
+    movie = np.searchsorted(movie_raw, r["movie_raw"])
+    user_raw, user = np.unique(r["user_raw"], return_inverse=True)
+    catalog = _movie_catalog(movies, movie_raw, src / "movies.csv")
+
+    count = catalog["genre_count"]
+    offsets = np.zeros(len(movie_raw) + 1, dtype=np.int64)
+    np.cumsum(count, out=offsets[1:])
+    index = np.repeat(catalog["genre_start"] - offsets[:-1], count) + np.arange(offsets[-1])
+    year = catalog["year"]
+    known = ~np.isnan(year)
+    bucket = np.zeros(len(movie_raw), dtype=np.int64)
+    bucket[known] = 1 + np.clip((year[known].astype(np.int64) - YEAR_BUCKET_BASE) // YEAR_BUCKET_SPAN,
+                                0, YEAR_BUCKETS - 2)
+    item_features = {
+        "genres": Feature(len(catalog["genre_names"]), catalog["genre_ids"][index], offsets),
+        "year_bucket": Feature(YEAR_BUCKETS, bucket),
+    }
+    titles: list[str | None] = [None] * len(movie_raw)
+    for i, title in zip(np.searchsorted(movie_raw, movies.column("movieId").to_numpy()),
+                        movies.column("title").to_pylist()):
+        titles[i] = title
+
+    split = split_interactions(user.astype(np.int64), movie.astype(np.int64), r["timestamp"],
+                               r["rating"] >= min_rating, num_users=len(user_raw), num_items=len(movie_raw),
+                               max_history=max_history, test_fraction=test_fraction, item_features=item_features)
+    missing = ~catalog["listed"][movie]
+    extra = {
+        "source": str(src),
+        "ratings": int(len(movie)),
+        "min_rating": min_rating,
+        "missing_movies": {"ratings": int(missing.sum()), "movies": int(len(np.unique(movie[missing])))},
+        "genre_names": catalog["genre_names"],
+        "year_buckets": {"base": YEAR_BUCKET_BASE, "span": YEAR_BUCKET_SPAN, "count": YEAR_BUCKETS,
+                         "unknown": 0},
+    }
+    items = items_table(len(movie_raw), item_features, movie_raw, titles)
+    return write_retrieval(out, split, items, extra, row_group_rows)

@@ -24,7 +24,8 @@ At construction (every rank, before any step; `discover_pieces`), from the files
     decoded;
   - a column chunk whose byte range (offset + compressed size) lies outside the file's data
     (a footer that does not belong to its data: truncated then patched, or glued together);
-  - a configured column that is missing or has a type its role cannot use, and a read column
+  - a configured column that is missing or has a type its role cannot use (features listed in
+    ``absent_features`` are not looked for), and a read column
     whose type differs from the first file's (pyarrow could not concatenate them mid-epoch);
   - a dataset with no rows at all;
   - values the footer statistics (null count and min/max per column chunk, a few microseconds
@@ -64,7 +65,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.batch import Batch, padding_batch
+from data.batch import Batch, padding_for
 from data.schema import COUNTER_NAMES, DataError, Schema, map_ids
 
 log = logging.getLogger("rectrain")
@@ -198,8 +199,11 @@ def check_chunk_ranges(path: str, pf: pq.ParquetFile, size: int, columns: list[s
 def validate_file_schema(path: str, arrow_schema: pa.Schema, schema: Schema) -> None:
     roles = [(c, "label", "data.label_columns") for c in schema.label_columns]
     roles += [(c, "dense", "data.dense_columns") for c in schema.dense_columns]
-    roles += [(f.name, "sparse", "data.sparse_columns") for f in schema.features]
-    roles += [(f.weight_column, "weight", "data.weight_columns") for f in schema.features if f.weight_column]
+    present = schema.present_features
+    roles += [(f.name, "sparse", "data.sparse_columns") for f in present]
+    roles += [(f.weight_column, "weight", "data.weight_columns") for f in present if f.weight_column]
+    roles += [(c, "passthrough", "the passthrough columns: data.targets_column, data.seen_column, the item id")
+              for c in schema.passthrough]
     names = set(arrow_schema.names)
     for column, role, key in roles:
         if column not in names:
@@ -267,7 +271,7 @@ def suspect_pieces(pf: pq.ParquetFile, pieces: list[Piece], schema: Schema) -> l
         lo_hi.update({c: (-big, big) for c in (*schema.label_columns, *schema.dense_columns)})
     lo_hi.update({c: (0, 1) for c in schema.binary_label_columns})
     if schema.id_policy == "strict":
-        lo_hi.update({f.name: (0, f.num_embeddings - 1) for f in schema.features})
+        lo_hi.update({f.name: (0, f.num_embeddings - 1) for f in schema.present_features})
     labels = set(schema.label_columns)
     checks = [(i, lo_hi.get(name), name in labels) for i, name in enumerate(_leaf_columns(pf))
               if name in lo_hi or name in labels]
@@ -324,6 +328,7 @@ def _check_type(path: str, column: str, typ: pa.DataType, role: str) -> None:
         "dense": numeric or pa.types.is_null(typ),
         "sparse": is_int(typ) or (is_list(typ) and is_int(typ.value_type)),
         "weight": pa.types.is_floating(typ) or (is_list(typ) and pa.types.is_floating(typ.value_type)),
+        "passthrough": is_int(typ) or (is_list(typ) and is_int(typ.value_type)),
     }[role]
     if not ok:
         want = {
@@ -331,6 +336,7 @@ def _check_type(path: str, column: str, typ: pa.DataType, role: str) -> None:
             "dense": "a number",
             "sparse": "int64 or list<int64>",
             "weight": "float or list<float>",
+            "passthrough": "int64 or list<int64>",
         }[role]
         raise DataError(f"{path}: column {column!r} has type {typ}; {role} columns must be {want}")
 
@@ -432,7 +438,7 @@ def _weights(table: pa.Table, feat, id_col: pa.ChunkedArray, keep: np.ndarray | 
 
 
 def _all_dropped(schema: Schema, dropped: int) -> Batch:
-    batch = padding_batch(schema.num_dense, schema.feature_names, len(schema.label_columns), schema.weighted)
+    batch = padding_for(schema)
     batch.dropped_rows, batch.all_dropped = dropped, True
     return batch
 
@@ -498,6 +504,12 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str, locate: Locate |
     stats = np.zeros((len(schema.features), len(COUNTER_NAMES)), dtype=np.int64)
     limit = schema.max_list_length
     for i, feat in enumerate(schema.features):
+        if feat.name in schema.absent_features:  # no column: an empty bag per row
+            values.append(np.zeros(0, dtype=np.int64))
+            lengths.append(np.zeros(n, dtype=np.int64))
+            if schema.weighted:
+                weights.append(np.zeros(0, dtype=np.float32))
+            continue
         col = table.column(feat.name)
         ids, lens, nulls, keep = _ids_and_lengths(col)
         w = _weights(table, feat, col, keep, len(ids), at) if feat.weight_column and schema.weighted else None
@@ -540,7 +552,19 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str, locate: Locate |
         null_dense=null_dense,
         negative_dense=negative_dense,
         dropped_rows=dropped,
+        extras=_passthrough(table, schema),
     )
+
+
+def _passthrough(table: pa.Table, schema: Schema) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The passthrough columns, raw: name -> (values int64 [n], lengths int64 [B]); a null row or
+    null list entry contributes nothing."""
+    extras = {}
+    for c in schema.passthrough:
+        ids, lens, _, _ = _ids_and_lengths(table.column(c))
+        # A copy: arrow's buffers are read-only and torch wants writable memory.
+        extras[c] = (torch.from_numpy(np.array(ids, dtype=np.int64)), torch.from_numpy(np.array(lens, dtype=np.int64)))
+    return extras
 
 
 def _dense_values(table: pa.Table, schema: Schema) -> tuple[np.ndarray, list[np.ndarray | None]]:

@@ -18,6 +18,12 @@ values (filled with 0; with ``dense_missing = "indicator"`` a 0/1 missing flag p
 appended too) and ``negative_dense`` values that the ``log1p`` transform folds by sign. Rows with a
 NaN or infinite dense value or label are an error, or with ``non_finite = "drop_row"`` left out
 and counted as ``dropped_rows``. Labels read by binary tasks must be 0 or 1.
+
+Two extras for retrieval data. ``absent_features`` are features whose column these files do not
+have (a retrieval eval file has no item columns): the reader gives them empty bags, so the KJT
+still carries every feature in schema order (sharded lookups need the same keys every call).
+``passthrough`` columns (int64 scalar or list<int64>, e.g. an eval file's ``targets`` and
+``seen``) are read raw, with no id policy, into ``Batch.extras``; a column may be a feature too.
 """
 
 from __future__ import annotations
@@ -60,15 +66,27 @@ class Schema:
     non_finite: str = "error"  # "error" | "drop_row" for NaN/inf dense values and labels
     max_list_length: int = 10_000  # ids per row and feature
     list_overflow: str = "truncate"  # "truncate" | "error"
+    # Features with no column in these files: empty bags in the KJT, the column is not read.
+    absent_features: frozenset[str] = frozenset()
+    # int64 scalar or list<int64> columns read raw into Batch.extras (no id policy, no cap).
+    passthrough: tuple[str, ...] = ()
 
     @property
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
 
     @property
+    def present_features(self) -> tuple[FeatureSpec, ...]:
+        """The features whose columns the files hold (all but `absent_features`)."""
+        return tuple(f for f in self.features if f.name not in self.absent_features)
+
+    @property
     def columns(self) -> list[str]:
-        weights = [f.weight_column for f in self.features if f.weight_column]
-        return [*self.label_columns, *self.dense_columns, *self.feature_names, *weights]
+        """Every column read, once each (a passthrough column may also be a feature)."""
+        present = self.present_features
+        weights = [f.weight_column for f in present if f.weight_column]
+        names = [*self.label_columns, *self.dense_columns, *(f.name for f in present), *weights, *self.passthrough]
+        return list(dict.fromkeys(names))
 
     @property
     def num_dense(self) -> int:
@@ -86,10 +104,12 @@ class Schema:
         return tuple(c for c in self.label_columns if c in self.binary_labels)
 
     @classmethod
-    def from_config(cls, data_cfg, model_cfg) -> "Schema":
+    def from_config(cls, data_cfg, model_cfg, *, absent_features=frozenset(), passthrough=()) -> "Schema":
         """Features are the ones the model's tables use, in table order. Label columns read by a
         binary task must hold 0/1; with no tasks configured every label is binary (as in
-        trainer/config.py, which then makes one binary task per label column)."""
+        trainer/config.py, which then makes one binary task per label column).
+        `absent_features` / `passthrough`: see the module docstring (e.g. a retrieval eval
+        file: the item features are absent, ``targets`` and ``seen`` pass through)."""
         sizes = {f: t.num_embeddings for t in model_cfg.tables for f in t.features}
         feats = tuple(
             FeatureSpec(f, sizes[f], data_cfg.weight_columns.get(f)) for f in model_cfg.feature_names
@@ -109,6 +129,8 @@ class Schema:
             non_finite=getattr(data_cfg, "non_finite", "error"),
             max_list_length=getattr(data_cfg, "max_list_length", 10_000),
             list_overflow=getattr(data_cfg, "list_overflow", "truncate"),
+            absent_features=frozenset(absent_features),
+            passthrough=tuple(passthrough),
         )
 
 

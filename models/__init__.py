@@ -5,9 +5,9 @@ import importlib
 import pkgutil
 
 from models.registry import MODELS, RecModel, build_model, register
-from models.tasks import BinaryTask, RegressionTask, Task
+from models.tasks import BinaryTask, InBatchSoftmaxTask, RegressionTask, Task
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["MODELS", "BinaryTask", "RecModel", "RegressionTask", "Task", "build_model", "register"]
+__all__ = ["MODELS", "BinaryTask", "InBatchSoftmaxTask", "RecModel", "RegressionTask", "Task", "build_model", "register"]

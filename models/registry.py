@@ -24,7 +24,7 @@ package never imports the trainer; ``model_cfg.arch`` is the model's typed confi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -65,10 +65,16 @@ class ModelInputs:
     num_dense: int
     label_names: tuple[str, ...]
     weighted: bool = False  # per-id weights present in the KeyedJaggedTensor
+    # Retrieval models that sample extra negatives: the item catalog (data/catalog.ItemCatalog:
+    # `item_ids` [N] and `kjt_rows(rows) -> {feature: (values, lengths)}`); None otherwise.
+    item_catalog: Any = field(default=None, compare=False)
 
 
 class RecModel(nn.Module):
     """Base class: holds the tasks and sums their weighted losses."""
+
+    # A retrieval model (two_tower): its eval forward has no candidates to score a loss against.
+    is_retrieval = False
 
     def __init__(self, tasks: list[Task]) -> None:
         super().__init__()
@@ -79,6 +85,10 @@ class RecModel(nn.Module):
         """(weighted total [], per-task losses [T]); per task the weighted mean over samples
         (weight 0 marks padding rows)."""
         return total_loss(self.tasks, outputs, labels, weights)
+
+    def train_stats(self, outputs: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scalars worth logging during training besides the losses ({name: [] tensor}, detached)."""
+        return {}
 
     def predictions(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Probabilities for binary tasks, values for regression; {task: [B]}."""
@@ -98,18 +108,20 @@ class NoArch:
 class ModelEntry:
     builder: Callable[[Any, ModelInputs, list[Task]], RecModel]
     config: type
+    retrieval: bool = False  # trains retrieval tasks (kind "retrieval") instead of ranking ones
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register(name: str, config: type = NoArch) -> Callable:
-    """Class or function decorator: `builder(model_cfg, inputs, tasks) -> RecModel`."""
+def register(name: str, config: type = NoArch, retrieval: bool = False) -> Callable:
+    """Class or function decorator: `builder(model_cfg, inputs, tasks) -> RecModel`;
+    `retrieval` marks a model that trains retrieval tasks (the config checks task kinds by it)."""
 
     def wrap(builder):
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelEntry(builder, config)
+        MODELS[name] = ModelEntry(builder, config, retrieval)
         return builder
 
     return wrap
@@ -126,6 +138,10 @@ def _entry(name: str) -> ModelEntry:
 
 def arch_config_class(name: str) -> type:
     return _entry(name).config
+
+
+def is_retrieval_model(name: str) -> bool:
+    return _entry(name).retrieval
 
 
 def build_model(model_cfg: Any, inputs: ModelInputs) -> RecModel:

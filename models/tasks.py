@@ -104,13 +104,89 @@ class RegressionTask(Task):
         return RegressionTaskMetrics(device)
 
 
+# Masked logits: large enough that exp() underflows to exactly 0 next to any real logit, finite so
+# a row whose every column is masked (a padding row) still gives a finite loss (times weight 0).
+MASKED_LOGIT = -1e9
+
+
+class InBatchSoftmaxTask(Task):
+    """Retrieval: a sampled softmax of each query over the training candidates (the batch's
+    positives, other ranks' when gathered, extra sampled negatives), its own positive the target.
+
+    Reads the two-tower training outputs: query [B, d], candidates [C, d], temperature [],
+    candidate_log_q [C], candidate_ids [C], candidate_valid [C], item_ids [B], positive_index [B].
+    Metrics (recall@K ... over the full catalog) come from the retrieval evaluator, not from
+    batches, so `metrics()` has none; `metric_names` lists what that evaluator reports.
+    """
+
+    kind = "retrieval"
+
+    def __init__(self, name: str, weight: float = 1.0, top_k: Sequence[int] = (10, 50, 100)) -> None:
+        super().__init__(name, -1, weight, serving_weight=0.0)
+        self.top_k = list(top_k)
+        names: dict[str, bool | None] = {}
+        for prefix, higher in (("", True), ("popularity_", None)):
+            for m in ("recall", "ndcg", "hit_rate"):
+                names.update({f"{prefix}{m}@{k}": higher for k in self.top_k})
+            names[f"{prefix}mrr"] = higher
+        names.update({f"coverage@{k}": None for k in self.top_k})
+        self.metric_names = names
+
+    def output(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return outputs["query"]
+
+    def label(self, labels: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"task {self.name!r} is a retrieval task: its positive is the row's item, not a label")
+
+    def logits(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, C] float32: q . c / temperature - log_q, with accidental hits (column c holds row
+        b's own item but is not its positive column) and invalid columns set to MASKED_LOGIT."""
+        q = outputs["query"].float()
+        c = outputs["candidates"].float()
+        logits = q @ c.T / outputs["temperature"].float() - outputs["candidate_log_q"].float()[None, :]
+        ids, items = outputs["candidate_ids"], outputs["item_ids"]
+        cols = torch.arange(c.shape[0], device=c.device)
+        hit = (ids[None, :] == items[:, None]) & (cols[None, :] != outputs["positive_index"][:, None])
+        return logits.masked_fill(hit | ~outputs["candidate_valid"][None, :], MASKED_LOGIT)
+
+    def per_sample_loss(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """output: logits [B, C]; label: positive column [B] int64 -> cross-entropy [B]."""
+        return F.cross_entropy(output, label, reduction="none")
+
+    def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted mean over rows; weight-0 (padding) rows give nothing, an all-padding batch 0."""
+        per_row = self.per_sample_loss(self.logits(outputs), outputs["positive_index"])
+        return (per_row * weights).sum() / weights.sum().clamp(min=1.0)
+
+    @torch.no_grad()
+    def stats(self, outputs: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """inbatch_accuracy: weighted share of rows whose best candidate is their positive;
+        temperature: the softmax temperature (learned or fixed). Both [] tensors."""
+        hit = (self.logits(outputs).argmax(dim=1) == outputs["positive_index"]).to(weights.dtype)
+        return {"inbatch_accuracy": (hit * weights).sum() / weights.sum().clamp(min=1.0),
+                "temperature": outputs["temperature"].detach().float()}
+
+    def predict(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def metrics(self, device: torch.device):
+        raise TypeError(f"task {self.name!r} is a retrieval task: it is evaluated over the full item catalog by "
+                        f"the retrieval evaluator, not batch by batch")
+
+    def update_metrics(self, metrics, outputs, labels, mask) -> None:
+        raise TypeError(f"task {self.name!r} is a retrieval task: no per-batch metrics")
+
+
 def build_tasks(task_cfgs: Sequence[Any], label_names: Sequence[str]) -> list[Task]:
-    """Tasks from `model.tasks` (duck-typed TaskConfig); labels are looked up by column name.
-    No task configs: one binary task per label column."""
+    """Tasks from `model.tasks` (duck-typed TaskConfig); labels are looked up by column name
+    (retrieval tasks have none: label_index -1). No task configs: one binary task per label column."""
     if not task_cfgs:
         return [BinaryTask(name, i) for i, name in enumerate(label_names)]
     tasks: list[Task] = []
     for cfg in task_cfgs:
+        if cfg.kind == "retrieval":
+            tasks.append(InBatchSoftmaxTask(cfg.name, cfg.weight, list(getattr(cfg, "top_k", None) or [10, 50, 100])))
+            continue
         index = list(label_names).index(cfg.label or cfg.name)
         if cfg.kind == "binary":
             tasks.append(BinaryTask(cfg.name, index, cfg.weight, cfg.serving_weight))

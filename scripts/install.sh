@@ -30,11 +30,11 @@ fi
 pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" --upgrade pip
 "${pip[@]}" "torch==2.13.0" "$fbgemm" \
-  numpy pyarrow tensorboard pytest tensordict torchmetrics tqdm pyre-extensions iopath
+  numpy pyarrow tensorboard pytest tensordict torchmetrics tqdm pyre-extensions iopath "faiss-cpu==1.15.1"
 "${pip[@]}" --no-deps "torchrec==1.8.0"
 "${pip[@]}" --no-deps -e .
 # Exactly one fbgemm distribution, and the stack imports.
 n=$("$VENV/bin/python" -m pip list 2>/dev/null | grep -ciE '^fbgemm[-_]gpu' || true)
 if [[ $n != 1 ]]; then echo "install.sh: expected one fbgemm distribution, found $n" >&2; exit 1; fi
-"$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, trainer; print('rectrain stack ok: torch', torch.__version__, '| torchrec', torchrec.__version__, '| device $device')"
+"$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, faiss, trainer; print('rectrain stack ok: torch', torch.__version__, '| torchrec', torchrec.__version__, '| device $device')"
 echo "$want" > "$stamp"

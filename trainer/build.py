@@ -21,8 +21,34 @@ from trainer.train_module import TrainModule
 def build_unsharded_model(cfg: RunConfig) -> tuple[RecModel, Schema]:
     """(the meta-device RecModel, the data schema it reads)."""
     schema = Schema.from_config(cfg.data, cfg.model)
-    inputs = ModelInputs(schema.num_dense, tuple(cfg.data.label_columns), schema.weighted)
+    catalog = item_catalog(cfg, schema) if getattr(cfg.model.arch, "extra_negatives", 0) else None
+    inputs = ModelInputs(schema.num_dense, tuple(cfg.data.label_columns), schema.weighted, item_catalog=catalog)
     return build_model(cfg.model, inputs), schema
+
+
+def item_catalog(cfg: RunConfig, schema: Schema):
+    """The item catalog (`data.items_path`) with its ids and item features mapped by the run's
+    id policy, as the embedding tables see them: where a model samples negatives from."""
+    import torch
+
+    from data.catalog import ItemCatalog
+    from data.schema import map_ids
+
+    arch = cfg.model.arch
+    features = [f for f in arch.candidate_features if f != arch.item_id_feature]
+    catalog = ItemCatalog.read(cfg.data.items_path, features, title_column=None, id_column=arch.item_id_feature)
+    spec = {f.name: f for f in schema.features}
+
+    def mapped(values: torch.Tensor, feature: str) -> torch.Tensor:
+        where = f"{cfg.data.items_path}: column {feature!r}"
+        ids, _, _ = map_ids(values.numpy(), spec[feature].num_embeddings, schema.id_policy, where)
+        return torch.from_numpy(ids)
+
+    catalog.item_ids = mapped(catalog.item_ids, arch.item_id_feature)
+    catalog.features = {f: (mapped(v, f), o) for f, (v, o) in catalog.features.items()}
+    # The item id is a candidate feature too: one id per catalog row.
+    catalog.features[arch.item_id_feature] = (catalog.item_ids, torch.arange(len(catalog) + 1, dtype=torch.int64))
+    return catalog
 
 
 def build_sharded_model(cfg: RunConfig, ctx: DistContext):
@@ -58,3 +84,40 @@ def build_stream(cfg: RunConfig, schema: Schema, ctx: DistContext, path: str, tr
         rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
         shuffle=train, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows, seed=cfg.data.seed,
     )
+
+
+def is_retrieval(rec_model: RecModel) -> bool:
+    return any(t.kind == "retrieval" for t in rec_model.tasks)
+
+
+def build_evaluator(cfg: RunConfig, rec_model: RecModel, schema: Schema, ctx: DistContext, path: str):
+    """`evaluator(model) -> metrics` for the eval data at `path`: ranking metrics per task, or
+    for a retrieval model full-catalog metrics over `data.items_path` with the popularity
+    baseline."""
+    from trainer.evaluate import RankingEvaluator
+
+    if not is_retrieval(rec_model):
+        return RankingEvaluator(rec_model.tasks, build_stream(cfg, schema, ctx, path, train=False), ctx.device,
+                                cfg.eval.max_batches)
+    from dataclasses import replace
+
+    from trainer.retrieval_eval import RetrievalEvaluator
+
+    if not cfg.data.items_path:
+        raise ConfigError("config key 'data.items_path': retrieval evaluation scores the whole item catalog; set it "
+                          "to the catalog Parquet (e.g. runs/movielens/items from `rectrain data movielens --task "
+                          "retrieval`)")
+    query_only = [f for f in schema.feature_names if f not in set(rec_model.candidate_features)]
+    candidate_only = [f for f in schema.feature_names if f not in set(rec_model.query_features)]
+    users = replace(schema, label_columns=(), binary_labels=(), absent_features=frozenset(candidate_only),
+                    passthrough=(cfg.data.targets_column, cfg.data.seen_column))
+    catalog = replace(schema, label_columns=(), binary_labels=(), dense_columns=(),
+                      absent_features=frozenset(query_only), passthrough=(rec_model.item_id_feature,))
+    task = next(t for t in rec_model.tasks if t.kind == "retrieval")
+    return RetrievalEvaluator(
+        rec_model, task,
+        eval_stream=build_stream(cfg, users, ctx, path, train=False),
+        catalog_stream=build_stream(cfg, catalog, ctx, cfg.data.items_path, train=False),
+        device=ctx.device, num_dense=schema.num_dense, raw_id_column=rec_model.item_id_feature,
+        targets_column=cfg.data.targets_column, seen_column=cfg.data.seen_column,
+        title_column=cfg.data.title_column, max_batches=cfg.eval.max_batches)

@@ -20,7 +20,7 @@ EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 ID_POLICIES = ("modulo", "hash", "strict")
 POOLINGS = ("sum", "mean")
-TASK_KINDS = ("binary", "regression")
+TASK_KINDS = ("binary", "regression", "retrieval")
 REGRESSION_LOSSES = ("mse", "huber")
 # Keys that moved into a model's typed `[model.arch]` section; named in the error for old configs.
 _MOVED_KEYS = {"model.dense_arch": "model.arch.dense_arch", "model.over_arch": "model.arch.over_arch",
@@ -73,9 +73,16 @@ class DataConfig:
     # ("truncate"), or are an error naming the file, column and row ("error").
     max_list_length: int = 10_000
     list_overflow: str = "truncate"
+    # Retrieval: the item catalog (Parquet: item id, item features, optional title) that
+    # evaluation scores in full, extra negatives are sampled from and export embeds; and the
+    # names of the eval files' held-out positives, already-seen items and the catalog's titles.
+    items_path: str = ""
+    targets_column: str = "targets"
+    seen_column: str = "seen"
+    title_column: str = "title"
 
     def __post_init__(self) -> None:
-        _require(bool(self.label_columns), "data.label_columns", "list at least one label column")
+        # An empty label_columns is checked by RunConfig: only retrieval tasks may read no label.
         _require(bool(self.sparse_columns), "data.sparse_columns", "list the categorical id columns")
         _one_of(self.id_policy, ID_POLICIES, "data.id_policy")
         _one_of(self.dense_transform, ("none", "log1p"), "data.dense_transform")
@@ -94,6 +101,8 @@ class DataConfig:
         for feature in self.weight_columns:
             _require(feature in self.sparse_columns, f"data.weight_columns.{feature}",
                      "weights must belong to a feature listed in data.sparse_columns")
+        for key in ("targets_column", "seen_column", "title_column"):
+            _require(bool(getattr(self, key)), f"data.{key}", "must name a column")
 
 
 @dataclass
@@ -119,27 +128,40 @@ class TaskConfig:
     """One prediction task: which label column it learns, its loss and its weight in the total."""
 
     name: str = ""
-    label: str = ""  # label column; default: the task name
-    kind: str = "binary"  # binary: BCE on a logit; regression: MSE or Huber on a value
-    loss: str = ""  # regression: mse (default) or huber; binary: bce
+    label: str = ""  # label column; default: the task name (retrieval tasks have none)
+    # binary: BCE on a logit; regression: MSE or Huber on a value; retrieval: sampled softmax
+    # over in-batch (and sampled) candidates, for a retrieval model such as two_tower
+    kind: str = "binary"
+    loss: str = ""  # regression: mse (default) or huber; binary: bce; retrieval: sampled_softmax
     huber_delta: float = 1.0
     weight: float = 1.0  # weight of this task's loss in the training total
     # Weight of this task's prediction in the serving score (probability for binary tasks, value
     # for regression) that multi-task evaluation reports; 0 leaves the task out of it.
     serving_weight: float = 1.0
+    # Retrieval: the K of recall@K, ndcg@K, hit_rate@K and coverage@K (other kinds ignore it).
+    top_k: list[int] = field(default_factory=lambda: [10, 50, 100])
 
     def validate(self, key: str) -> None:
         _require(bool(self.name), f"{key}.name", "every task needs a name")
         _require(self.name != "serving" and not any(c in self.name for c in "./ "), f"{key}.name",
                  f"{self.name!r} cannot name a task: 'serving' is the combined score and '.', '/' and "
                  f"spaces separate metric names; use e.g. 'click' or 'watch_time'")
-        if not self.label:
-            self.label = self.name
         _one_of(self.kind, TASK_KINDS, f"{key}.kind")
+        if self.kind == "retrieval":
+            _require(not self.label, f"{key}.label", "a retrieval task reads no label column (its positive is the "
+                     "row's item); remove the label")
+            self.loss = self.loss or "sampled_softmax"
+            _one_of(self.loss, ("sampled_softmax",), f"{key}.loss")
+            top_k = self.top_k
+            _require(bool(top_k) and all(isinstance(k, int) and k > 0 for k in top_k)
+                     and top_k == sorted(set(top_k)), f"{key}.top_k",
+                     f"list positive integers in increasing order without repeats, e.g. [10, 50, 100]; got {top_k}")
+        elif not self.label:
+            self.label = self.name
         if self.kind == "binary":
             self.loss = self.loss or "bce"
             _one_of(self.loss, ("bce",), f"{key}.loss")
-        else:
+        elif self.kind == "regression":
             self.loss = self.loss or "mse"
             _one_of(self.loss, REGRESSION_LOSSES, f"{key}.loss")
         _require(self.huber_delta > 0, f"{key}.huber_delta", "must be > 0")
@@ -191,6 +213,36 @@ class ModelConfig:
         for group in getattr(self.arch, "feature_groups", ()):
             _require(group in self.feature_groups, f"model.feature_groups.{group}",
                      f"model {self.name!r} needs this group; add `{group} = [...]` under [model.feature_groups]")
+        self._check_task_kinds()
+        check = getattr(self.arch, "check_model", None)  # arch settings that depend on the tables
+        if check is not None:
+            check(self)
+
+    @property
+    def is_retrieval(self) -> bool:
+        """A retrieval model (two_tower): it trains retrieval tasks only."""
+        from models.registry import is_retrieval_model
+
+        return is_retrieval_model(self.name)
+
+    def _check_task_kinds(self) -> None:
+        """Retrieval tasks go with retrieval models and ranking tasks with ranking models; a
+        retrieval model without tasks gets one retrieval task named "retrieval"."""
+        if self.is_retrieval:
+            if not self.tasks:
+                self.tasks = [TaskConfig(name="retrieval", kind="retrieval")]
+                self.tasks[0].validate("model.tasks[0]")
+            for i, task in enumerate(self.tasks):
+                _require(task.kind == "retrieval", f"model.tasks[{i}].kind",
+                         f"model {self.name!r} trains retrieval tasks only; set kind = \"retrieval\" or use a "
+                         f"ranking model (dlrm, dcn_v2, ...) for {task.kind!r}")
+            _require(len(self.tasks) == 1, "model.tasks", f"model {self.name!r} trains one retrieval task; "
+                     f"got {len(self.tasks)}")
+            return
+        for i, task in enumerate(self.tasks):
+            _require(task.kind != "retrieval", f"model.tasks[{i}].kind",
+                     f"a retrieval task needs a retrieval model such as two_tower; model.name is {self.name!r} "
+                     f"(a ranking model): use kind binary or regression")
 
     @property
     def feature_names(self) -> list[str]:
@@ -370,13 +422,25 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         labels = self.data.label_columns
+        if self.model.is_retrieval:
+            _require(not labels, "data.label_columns", f"model {self.model.name!r} reads no labels (each row's "
+                     f"item is its positive); set label_columns = []")
+        else:
+            _require(bool(labels), "data.label_columns", "list at least one label column (only a retrieval "
+                     "model such as two_tower reads none)")
         if not self.model.tasks:
             self.model.tasks = [TaskConfig(name=c, label=c) for c in labels]
             for i, task in enumerate(self.model.tasks):
                 task.validate(f"model.tasks[{i}]")
         for i, task in enumerate(self.model.tasks):
-            _require(task.label in labels, f"model.tasks[{i}].label",
+            _require(task.kind == "retrieval" or task.label in labels, f"model.tasks[{i}].label",
                      f"label column {task.label!r} is not in data.label_columns {labels}; add it there")
+        if self.model.is_retrieval:
+            _require(not getattr(self.model.arch, "extra_negatives", 0) or bool(self.data.items_path),
+                     "data.items_path", "model.arch.extra_negatives samples negatives from the item catalog; "
+                     "set data.items_path (the converter writes OUT/items)")
+            _require(not self.data.eval_path or bool(self.data.items_path), "data.items_path",
+                     "retrieval evaluation ranks the full item catalog; set data.items_path (OUT/items)")
         _require(not self.checkpoint.keep_best or bool(self.eval.best_metric), "checkpoint.keep_best",
                  "needs eval.best_metric (the metric that defines best), e.g. \"auc\"")
         if not self.data.eval_path:

@@ -52,6 +52,23 @@ def evaluate(model: nn.Module, tasks: list[Task], stream: ParquetStream, device:
     return summary
 
 
+class RankingEvaluator:
+    """`evaluate` bound to its stream: the Trainer and `rectrain eval` call `evaluator(model)`
+    whatever the model family (trainer/retrieval_eval.RetrievalEvaluator is the other one)."""
+
+    def __init__(self, tasks: list[Task], stream: ParquetStream, device: torch.device, max_batches: int = 0) -> None:
+        self.tasks = tasks
+        self.stream = stream
+        self.device = device
+        self.max_batches = max_batches
+
+    def __call__(self, model: nn.Module) -> dict:
+        return evaluate(model, self.tasks, self.stream, self.device, self.max_batches)
+
+    def report(self, logger, step: int) -> None:
+        """Nothing beyond the scalars for ranking models."""
+
+
 def lookup_metric(metrics: dict, name: str) -> float:
     """`auc` (the first task's), `<task>.<metric>` or `serving.<metric>` from an evaluate()
     result (names are checked at startup by `models.tasks.resolve_metric`)."""

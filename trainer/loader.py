@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from data.batch import Batch, padding_batch
+from data.batch import Batch, padding_for
 from data.parquet import ParquetStream
 from data.schema import DataError
 
@@ -58,7 +58,7 @@ def padded_batches(loader: DataLoader, steps: int, stream: ParquetStream) -> Ite
             shutdown()
         del batches
         raise DataError(failure)
-    pad = padding_batch(schema.num_dense, schema.feature_names, len(schema.label_columns), schema.weighted)
+    pad = padding_for(schema)
     for _ in range(steps - produced):
         yield pad
 

@@ -76,6 +76,11 @@ class RunLogger:
             # TensorBoard renders text as markdown; indent so tables stay monospaced.
             self.writer.add_text(tag, "\n".join("    " + line for line in body.splitlines()), 0)
 
+    def embedding(self, tag: str, vectors, labels: list[str], step: int) -> None:
+        """Vectors for TensorBoard's projector, labelled (e.g. item titles)."""
+        if self.enabled and self.writer is not None and len(labels):
+            self.writer.add_embedding(vectors, metadata=labels, tag=tag, global_step=step)
+
     def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
         if self.enabled and self.writer is not None:
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}

@@ -10,12 +10,13 @@ from typing import Callable, Iterator
 import torch
 
 from data.batch import Batch
+from trainer.train_module import train_stats
 
 
 def pipelined_steps(model, optimizer, device: torch.device, batches: Iterator[Batch], step: int,
                     boundaries: list[int], stop_at: int,
-                    before_step: Callable[[], object]) -> Iterator[tuple[Batch, torch.Tensor]]:
-    """(batch, task losses [T]) per optimizer step, from `step` on. Eval and checkpoints need
+                    before_step: Callable[[], object]) -> Iterator[tuple[Batch, torch.Tensor, dict]]:
+    """(batch, task losses [T], the model's train stats) per optimizer step, from `step` on. Eval and checkpoints need
     the plain model, so the pipeline runs in segments that end at multiples of `boundaries`
     (and at `stop_at`); `execute_all_batches` drains each segment. `before_step` runs before
     every step (the LR schedule)."""
@@ -33,11 +34,11 @@ def pipelined_steps(model, optimizer, device: torch.device, batches: Iterator[Ba
         while True:
             before_step()
             try:
-                task_losses, _, _, _ = pipeline.progress(feed)
+                task_losses, outputs, _, _ = pipeline.progress(feed)
             except StopIteration:
                 break
             step += 1
-            yield pending.popleft(), task_losses
+            yield pending.popleft(), task_losses, train_stats(outputs)
         if hasattr(pipeline, "detach"):
             pipeline.detach()
 

@@ -13,20 +13,20 @@ import torch.distributed as dist
 
 from data.batch import Batch
 from trainer.best import best_tracker
-from trainer.build import build_sharded_model, build_stream
+from trainer.build import build_evaluator, build_sharded_model, build_stream
 from trainer.checkpoint import Checkpointer, check_writable
 from trainer.config import ConfigError, RunConfig
 from trainer.config_diff import describe, resume_conflicts
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max, init_distributed
 from trainer.errors import RunError
-from trainer.evaluate import evaluate, flatten_metrics, lookup_metric
+from trainer.evaluate import flatten_metrics, lookup_metric
 from trainer.loader import make_loader, padded_batches
 from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
 from trainer.pipeline import pipelined_steps
 from trainer.run_state import TrainState, capture_rng, restore_rng, seed_everything
 from trainer.sharding import format_plan_rows, plan_rows
-from trainer.train_module import NonFiniteLoss
+from trainer.train_module import NonFiniteLoss, train_stats
 from trainer.window import LogWindow
 
 log = logging.getLogger("rectrain")
@@ -44,9 +44,8 @@ class Trainer:
         self.model, self.rec_model, self.plan, self.schema = build_sharded_model(cfg, self.ctx)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.train_stream = build_stream(cfg, self.schema, self.ctx, cfg.data.train_path, train=True)
-        self.eval_stream = (
-            build_stream(cfg, self.schema, self.ctx, cfg.data.eval_path, train=False) if cfg.data.eval_path else None
-        )
+        self.evaluator = (build_evaluator(cfg, self.rec_model, self.schema, self.ctx, cfg.data.eval_path)
+                          if cfg.data.eval_path else None)
         self.schedule = LRSchedule(self.optimizer, self.model.fused_optimizer, cfg.optimizer, 1)
         # Every epoch has the same length: slots are balanced to within one row.
         self._set_horizon(all_reduce_max(self.train_stream.remaining_batches(), self.ctx.device))
@@ -176,8 +175,9 @@ class Trainer:
             final = self.run_dir / "eval_final.json"
             final_metrics = json.loads(final.read_text()) if final.is_file() else {}
         else:
-            if self.cfg.eval.at_end and self.eval_stream is not None:
+            if self.cfg.eval.at_end and self.evaluator is not None:
                 final_metrics = self.run_eval()
+                self.evaluator.report(self.logger, self.state.step)
                 if self.ctx.is_main:
                     (self.run_dir / "eval_final.json").write_text(json.dumps(final_metrics) + "\n")
             if self.cfg.checkpoint.at_end and not self.checkpointer.has_step(self.state.step):
@@ -214,12 +214,12 @@ class Trainer:
         batches = padded_batches(loader, remaining, self.train_stream)
         progress = self._progress_bar()
         self.model.train()
-        for batch, task_losses in self._steps(batches):
+        for batch, task_losses, stats in self._steps(batches):
             self.train_stream.advance(batch)
             self.state.step += 1
             self.state.step_in_epoch += 1
             if task_losses is not None:  # None: a skipped non-finite step
-                self._window.add(batch, task_losses, self._task_weights)
+                self._window.add(batch, task_losses, self._task_weights, stats)
                 self.rank_samples += batch.num_samples
             progress.update(1)
             step = self.state.step
@@ -247,11 +247,13 @@ class Trainer:
             self.train_stream.set_epoch(self.state.epoch)
         return False
 
-    def _steps(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
-        """(batch, task losses [T]) per optimizer step. GPU: TrainPipelineSparseDist overlaps the input
+    def _steps(self, batches: Iterator[Batch]) -> Iterator[tuple[Batch, torch.Tensor, dict]]:
+        """(batch, task losses [T], the model's train stats) per optimizer step. GPU: TrainPipelineSparseDist overlaps the input
         all-to-all of batch i+1 with batch i's compute. CPU: a plain loop."""
         # Skipping a non-finite step needs the forward apart from the backward: the plain loop.
-        if self.ctx.device.type == "cuda" and self.cfg.train.non_finite_loss == "error":
+        # A model with a lookup the pipeline cannot prefetch (sampled negatives) runs the plain loop too.
+        if (self.ctx.device.type == "cuda" and self.cfg.train.non_finite_loss == "error"
+                and getattr(self.rec_model, "pipelineable", True)):
             boundaries = [n for n in (self.cfg.eval.every_steps, self.cfg.checkpoint.every_steps) if n]
             yield from pipelined_steps(self.model, self.optimizer, self.ctx.device, batches, self.state.step,
                                        boundaries, self.cfg.train.stop_at_step,
@@ -261,14 +263,14 @@ class Trainer:
             self.schedule.apply(self.state.step)
             self.optimizer.zero_grad()
             try:
-                loss, (task_losses, *_) = self.model(batch)
+                loss, (task_losses, outputs, *_) = self.model(batch)
             except NonFiniteLoss as e:
                 self._skip_non_finite(e)
-                yield batch, None
+                yield batch, None, {}
                 continue
             loss.backward()
             self.optimizer.step()
-            yield batch, task_losses
+            yield batch, task_losses, train_stats(outputs)
 
     def _skip_non_finite(self, error: NonFiniteLoss) -> None:
         """Apply train.non_finite_loss to a step whose loss is NaN/Inf (nothing was updated)."""
@@ -295,7 +297,7 @@ class Trainer:
         step = self.state.step
         if self._last_eval is not None and self._last_eval[0] == step:
             return self._last_eval[1]
-        metrics = evaluate(self.model, self.tasks, self.eval_stream, self.ctx.device, self.cfg.eval.max_batches)
+        metrics = self.evaluator(self.model)
         self._last_eval = (step, metrics)
         flat = flatten_metrics(metrics)
         self.logger.scalars(step, flat, "eval")
@@ -325,7 +327,7 @@ class Trainer:
         task_losses = {}
         if len(self.tasks) > 1:
             task_losses = {f"loss/{t.name}": v for t, v in zip(self.tasks, w["task_losses"])}
-        values = {"loss": w["loss"], **task_losses, "samples_per_sec": w["samples_per_sec"],
+        values = {"loss": w["loss"], **task_losses, **w["stats"], "samples_per_sec": w["samples_per_sec"],
                   "lr_factor": self.schedule.factor(step - 1)}
         self.logger.scalars(step, {**values, **lrs}, "train")
         self.logger.scalars(step, w["counters"], "data")

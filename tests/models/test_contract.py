@@ -61,11 +61,15 @@ def world_of_one():
     shutdown()
 
 
-def random_batch(schema, tasks, batch_size: int = 16, seed: int = 0) -> Batch:
-    """A real Batch in the schema's layout: 0-3 ids per bag (empty bags included), 0/1 labels
-    for binary tasks and real values for regression ones."""
+def random_batch(schema, tasks, batch_size: int = 16, seed: int = 0, one_id: tuple[str, ...] = ()) -> Batch:
+    """A real Batch in the schema's layout: 0-3 ids per bag (empty bags included), exactly one
+    for the `one_id` features (a retrieval model's item id), 0/1 labels for binary tasks and
+    real values for regression ones."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 4, (len(schema.features), batch_size), generator=g)
+    for i, f in enumerate(schema.features):
+        if f.name in one_id:
+            lengths[i] = 1
     values = torch.cat([torch.randint(0, f.num_embeddings, (int(lengths[i].sum()),), generator=g)
                         for i, f in enumerate(schema.features)])
     labels = torch.rand(batch_size, len(schema.label_columns), generator=g)
@@ -116,10 +120,15 @@ def test_model_keeps_the_contract(name):
     tasks = model.tasks
     assert [t.name for t in tasks] == [t.name for t in cfg.model.tasks]
 
-    batch = random_batch(schema, tasks)
+    item_feature = getattr(model, "item_id_feature", None)
+    batch = random_batch(schema, tasks, one_id=(item_feature,) if item_feature else ())
     loss, (task_losses, outputs, labels, weights) = dmp(batch)
-    assert set(outputs) >= {t.name for t in tasks}
     for t in tasks:
+        if t.kind == "retrieval":  # outputs are embeddings, not one score per task
+            assert outputs["query"].shape[0] == outputs["candidate"].shape[0] == batch.batch_size, name
+            assert outputs["candidates"].shape[0] >= batch.batch_size
+            assert all(torch.isfinite(outputs[k]).all() for k in ("query", "candidate", "candidates"))
+            continue
         assert outputs[t.name].shape == (batch.batch_size,), (name, t.name)
         assert torch.isfinite(outputs[t.name]).all()
     assert task_losses.shape == (len(tasks),)
@@ -135,7 +144,7 @@ def test_model_keeps_the_contract(name):
     pad = padding_batch(schema.num_dense, schema.feature_names, len(schema.label_columns), schema.weighted)
     pad_loss, (pad_task_losses, pad_outputs, _, _) = dmp(pad)
     assert pad_loss.item() == 0.0 and pad_task_losses.abs().sum().item() == 0.0
-    assert all(torch.isfinite(pad_outputs[t.name]).all() for t in tasks)
+    assert all(torch.isfinite(pad_outputs["query" if t.kind == "retrieval" else t.name]).all() for t in tasks)
     pad_loss.backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in dmp.parameters())
 

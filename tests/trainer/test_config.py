@@ -437,3 +437,60 @@ def test_error_from_an_override_blames_the_override_not_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(bad, ["train.epochs=2"])
     assert str(e.value).startswith(f"{bad}: config key 'model.embedding_dim'")
+
+
+# --------------------------------------------------------------------------- retrieval (two_tower)
+
+TWO_TOWER = CONFIGS / "two_tower_synth.toml"
+
+
+def test_two_tower_configs_load_with_one_retrieval_task():
+    for name in ("two_tower_synth.toml", "two_tower_movielens.toml"):
+        cfg = load_config(CONFIGS / name)
+        assert cfg.model.is_retrieval and cfg.data.label_columns == []
+        (task,) = cfg.model.tasks
+        assert (task.kind, task.loss, task.label, task.top_k) == ("retrieval", "sampled_softmax", "", [10, 50, 100])
+        assert cfg.data.items_path.endswith("/items")
+        assert (cfg.data.targets_column, cfg.data.seen_column, cfg.data.title_column) == ("targets", "seen", "title")
+        assert [t.name for t in cfg.model.tables if t.features == ["history", "item_id"]] == ["t_item"]
+        assert all(t.type in ("table_wise", "column_wise", "data_parallel") for t in cfg.sharding.tables.values())
+
+
+def test_a_retrieval_model_without_tasks_gets_one_retrieval_task(tmp_path):
+    text = TWO_TOWER.read_text().replace('[[model.tasks]]\nname = "retrieval"\nkind = "retrieval"\ntop_k = [10, 50, 100]\n', "")
+    assert "[[model.tasks]]" not in text
+    cfg = load_config(_write(tmp_path, text))
+    assert [(t.name, t.kind) for t in cfg.model.tasks] == [("retrieval", "retrieval")]
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (['model.tasks=[{name = "r", kind = "retrieval", top_k = [50, 10]}]'], "model.tasks[0].top_k", "increasing"),
+    (['model.tasks=[{name = "r", kind = "retrieval", top_k = [0]}]'], "model.tasks[0].top_k", "positive"),
+    (['model.tasks=[{name = "r", kind = "retrieval", label = "y"}]'], "model.tasks[0].label", "no label"),
+    (['model.tasks=[{name = "r", kind = "retrieval", loss = "bce"}]'], "model.tasks[0].loss", "sampled_softmax"),
+    (['model.tasks=[{name = "r", kind = "binary"}]'], "model.tasks[0].kind", "retrieval tasks only"),
+    (['data.label_columns=["label"]'], "data.label_columns", "label_columns = []"),
+    (['model.arch.extra_negatives=8', 'data.items_path=""', 'data.eval_path=""'], "data.items_path",
+     "extra_negatives"),
+    (['data.items_path=""'], "data.items_path", "full item catalog"),
+    (['model.arch.query_features=["user_id", "nope"]'], "model.arch.query_features", "not looked up"),
+    (['model.arch.query_features=["user_id"]'], "model.arch.query_features", "in no tower"),
+    (['model.arch.query_features=["user_id", "history", "item_id"]'], "model.arch.candidate_features",
+     "both towers"),
+    (['model.arch.item_id_feature="category_x"'], "model.arch.item_id_feature", "not in candidate_features"),
+    (['model.arch.learn_temperature=true', 'model.arch.temperature=5.0'], "model.arch.temperature", "learned"),
+    (['model.arch.negative_sampler="zipf"'], "model.arch.negative_sampler", "uniform"),
+])
+def test_two_tower_config_errors_name_the_key(overrides, key, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(TWO_TOWER, overrides)
+    msg = str(e.value)
+    assert f"config key '{key}'" in msg and words in msg and "\n" not in msg, msg
+
+
+def test_a_ranking_model_refuses_a_retrieval_task_and_empty_labels(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"config key 'model.tasks\[0\].kind'.*retrieval model such as two_tower"):
+        load_config(path, ['model.tasks=[{name = "r", kind = "retrieval"}]'])
+    with pytest.raises(ConfigError, match=r"config key 'data.label_columns'.*at least one label column"):
+        load_config(path, ["data.label_columns=[]"])

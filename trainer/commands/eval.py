@@ -20,9 +20,8 @@ def add_parser(sub) -> None:
 def _evaluate_checkpoint(cfg, ckpt: Path, data: str, out: str | None) -> None:
     import torch.distributed as dist
 
-    from trainer.build import build_sharded_model, build_stream, check_checkpoint_config, load_model_weights
+    from trainer.build import build_evaluator, build_sharded_model, check_checkpoint_config, load_model_weights
     from trainer.distributed import init_distributed
-    from trainer.evaluate import evaluate
     from trainer.logger import setup_console
 
     ctx = init_distributed(cfg.train.device)
@@ -30,8 +29,7 @@ def _evaluate_checkpoint(cfg, ckpt: Path, data: str, out: str | None) -> None:
     check_checkpoint_config(cfg, ckpt)
     model, rec_model, _, schema = build_sharded_model(cfg, ctx)
     load_model_weights(model, ckpt)
-    stream = build_stream(cfg, schema, ctx, data, train=False)
-    metrics = evaluate(model, rec_model.tasks, stream, ctx.device, cfg.eval.max_batches)
+    metrics = build_evaluator(cfg, rec_model, schema, ctx, data)(model)
     result = {**metrics, "checkpoint": str(ckpt), "data": data, "world_size": ctx.world_size}
     if ctx.is_main:
         path = Path(out) if out else Path(cfg.train.run_dir) / "eval" / f"{ckpt.name}.json"
