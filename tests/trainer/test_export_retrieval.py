@@ -130,7 +130,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_tower_export")
     data, run = root / "data", root / "run"
     write_two_tower(data, 8000, seed=0)
-    overrides = _overrides(data, run, **{"train.epochs": 2, "eval.at_end": True})
+    overrides = _overrides(data, run, **{"train.epochs": 2, "eval.at_end": True, "logging.tensorboard": True,
+                                         "train.log_every": 4, "eval.every_steps": 13})  # 13 steps per epoch
     proc = run_rectrain(["train", "--config", str(TT_CONFIG), *_set_args(overrides)], nproc=2)
     final = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     out = root / "export"
@@ -138,6 +139,40 @@ def trained(tmp_path_factory):
                      "--checkpoint", str(run / "checkpoints"), "--out", str(out), "--index", "ivf_flat",
                      "--sweep"]) == 0
     return {"data": data, "run": run, "out": out, "overrides": overrides, "train": final}
+
+
+def test_two_rank_training_beats_popularity_and_logs_what_retrieval_needs(trained):
+    result, run = trained["train"], trained["run"]
+    meta = json.loads((trained["data"] / "meta.json").read_text())
+    assert result["recall@10"] >= 2 * result["popularity_recall@10"] > 0, result
+    assert result["num_users"] == meta["counts"]["eval_users"] and result["num_items"] == 1000
+    assert result["targets_not_in_catalog"] == 0
+    for k in (10, 50, 100):  # recall grows with K; every metric is a share
+        assert 0 <= result[f"ndcg@{k}"] <= 1 and 0 < result[f"coverage@{k}"] <= 1
+    assert result["recall@10"] <= result["recall@50"] <= result["recall@100"]
+    assert result["hit_rate@10"] >= result["recall@10"] and 0 < result["mrr"] <= 1
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["prefix"] == "train"]
+    assert train and all(0 <= r["inbatch_accuracy"] <= 1 and r["temperature"] > 0 for r in train)
+    assert train[-1]["inbatch_accuracy"] > train[0]["inbatch_accuracy"]
+    evals = [r for r in rows if r["prefix"] == "eval"]
+    assert [r["step"] for r in evals] == [13, 26] and evals[-1]["recall@10"] == result["recall@10"]
+    # the counts behind popularity are exact: after one epoch and after two they rank items alike
+    assert evals[0]["popularity_recall@10"] == evals[1]["popularity_recall@10"]
+    # TensorBoard: the scalars above, and the item vectors in the projector, labelled with titles
+    projector = list((run / "tb").rglob("projector_config.pbtxt"))
+    assert projector, "no embedding projector in the TensorBoard log"
+    labels = list((run / "tb").rglob("metadata.tsv"))
+    assert labels and labels[0].read_text().splitlines()[0].startswith("item ")
+
+
+def test_one_rank_eval_of_the_two_rank_checkpoint_gives_the_same_metrics(trained, tmp_path):
+    out = tmp_path / "eval.json"
+    assert rectrain(["eval", "--config", str(TT_CONFIG), *_set_args(trained["overrides"]), "--checkpoint",
+                     str(trained["run"] / "checkpoints"), "--out", str(out)]) == 0
+    one = json.loads(out.read_text())
+    for key in ("recall@10", "ndcg@10", "mrr", "coverage@10", "popularity_recall@10", "num_users"):
+        assert one[key] == pytest.approx(trained["train"][key], abs=1e-6), key
 
 
 def test_export_files_and_metadata(trained):
