@@ -29,6 +29,7 @@ so async saving holds one extra copy of this rank's state in host memory until `
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -538,10 +539,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory as is, or the latest complete one inside a checkpoints directory."""
+    """A step directory as is; `<checkpoints>/best`: the best one (checkpoint.keep_best records
+    it in best.json); or the latest complete one inside a checkpoints directory."""
     path = Path(path)
     if is_complete(path):
         return path
+    if path.name == "best" and not path.exists():
+        record = path.parent / "best.json"
+        if not record.is_file():
+            raise FileNotFoundError(f"{path}: no best.json in {path.parent}; train with checkpoint.keep_best = true "
+                                    f"and eval.best_metric, or pass a step_<N> directory")
+        best = path.parent / Path(json.loads(record.read_text())["checkpoint"]).name
+        if not is_complete(best):
+            raise FileNotFoundError(f"{best}: the best checkpoint named in {record} is not complete (deleted?); "
+                                    f"pass another step_<N> directory")
+        return best
     latest = Checkpointer(path).latest()
     if latest is None:
         raise FileNotFoundError(f"{path}: no complete checkpoint here (expected step_<N>/ with a .metadata file)")

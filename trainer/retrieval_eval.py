@@ -17,7 +17,6 @@ baseline on the same split.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -205,24 +204,6 @@ def evaluate_retrieval(model, items: ItemVectors, popularity: torch.Tensor, stre
     return {**model_totals.metrics(num_items), **pop_totals.metrics(num_items, "popularity_"),
             "num_users": int(model_totals.sums[-1]), "num_items": num_items,
             "num_targets": int(missing[1]), "targets_not_in_catalog": int(missing[0])}
-
-
-def retrieval_metric_names(ks: list[int]) -> dict[str, bool | None]:
-    """What evaluate_retrieval reports -> True if higher is better (None: no better direction)."""
-    names: dict[str, bool | None] = {}
-    for k in ks:
-        names.update({f"recall@{k}": True, f"ndcg@{k}": True, f"hit_rate@{k}": True, f"coverage@{k}": None})
-    names["mrr"] = True
-    for k in ks:
-        names.update({f"popularity_recall@{k}": None, f"popularity_ndcg@{k}": None, f"popularity_hit_rate@{k}": None})
-    names["popularity_mrr"] = None
-    return names
-
-
-def lift(metrics: dict, k: int) -> float:
-    """Model recall@k over popularity recall@k (inf when popularity finds nothing)."""
-    pop = metrics.get(f"popularity_recall@{k}", 0.0)
-    return metrics.get(f"recall@{k}", 0.0) / pop if pop > 0 else math.inf
 
 
 class RetrievalEvaluator:

@@ -4,6 +4,8 @@ test_checkpoint_safety.py.)"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -66,6 +68,11 @@ def test_resolve_checkpoint(tmp_path):
     ck.save(2, _state(2))
     assert resolve_checkpoint(tmp_path).name == "step_00000002"
     assert resolve_checkpoint(tmp_path / "step_00000001").name == "step_00000001"
+    with pytest.raises(FileNotFoundError, match="no best.json"):
+        resolve_checkpoint(tmp_path / "best")
+    # keep_best records the best step in best.json (written where the run wrote it, maybe elsewhere)
+    (tmp_path / "best.json").write_text(json.dumps({"checkpoint": "/elsewhere/step_00000001", "step": 1}))
+    assert resolve_checkpoint(tmp_path / "best") == tmp_path / "step_00000001"
 
 
 def test_sync_save_reports_its_timings(tmp_path):
