@@ -171,7 +171,10 @@ class TwoTower(RecModel):
         self.logq_correction = arch.logq_correction
         self.gather_negatives = arch.gather_negatives
         self.extra_negatives = arch.extra_negatives
-        self.pipelineable = arch.extra_negatives == 0  # sampled ids join the lookup inside forward
+        # TorchRec's GPU pipeline fx-traces forward to prefetch the lookup; this forward runs collectives
+        # (the id all-gather behind the item counts) and data-dependent steps a symbolic trace cannot
+        # follow, so it trains in the plain loop on GPUs too.
+        self.pipelineable = False
         self.catalog = None
         self.sampler: NegativeSampler | None = None
         if self.extra_negatives:

@@ -61,7 +61,7 @@ def test_history_and_item_id_share_one_table_and_the_export_attributes_hold():
                                    "category": "t_category"}
     assert model.feature_pooling["history"] == "mean" and model.feature_pooling["user_id"] == "sum"
     assert model.query_features == ["user_id", "history"] and model.candidate_features == ["item_id", "category"]
-    assert not model.uses_dense and model.pipelineable
+    assert not model.uses_dense and not model.pipelineable  # the GPU pipeline cannot trace its forward
     # The pooled history is the mean of the item table's rows: the same rows the candidates use.
     table = model.sparse.embedding_bags["t_item"].weight
     pooled = model.sparse(_batch()).to_dict()

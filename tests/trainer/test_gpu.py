@@ -41,3 +41,19 @@ def test_gpu_checkpoint_evaluates_on_cpu_identically(synth_data, tmp_path):
     cpu = json.loads(out.read_text())
     assert cpu["auc"] == pytest.approx(gpu["auc"], abs=1e-4)
     assert cpu["logloss"] == pytest.approx(gpu["logloss"], rel=1e-4)
+
+
+def test_two_tower_on_one_gpu_with_a_row_wise_item_table_beats_popularity(tmp_path):
+    from data.synth import write_two_tower
+
+    data = tmp_path / "data"
+    write_two_tower(data, 20_000, seed=0)
+    config = SYNTH_CONFIG.parent / "two_tower_synth.toml"
+    args = sets(data__train_path=str(data / "train"), data__eval_path=str(data / "eval"),
+                data__items_path=str(data / "items"), train__run_dir=str(tmp_path / "run"), train__device="cuda",
+                logging__progress_bar=False, model__arch__extra_negatives=64) + \
+        ["--set", 'sharding.tables.t_item={type = "row_wise"}']
+    proc = run_rectrain(["train", "--config", str(config), *args], nproc=1)
+    final = json.loads((tmp_path / "run" / "eval_final.json").read_text())
+    assert final["recall@10"] >= 2 * final["popularity_recall@10"], final
+    assert "row_wise" in proc.stdout
