@@ -436,6 +436,9 @@ def _write(out: Path, splits: dict[str, pa.Table], meta: dict, row_group_rows: i
 POSITIVE_RATING = 4.0
 # Release year buckets of 5 years from 1900 (0: year unknown; 1: up to 1904; ...; the last: 2020 on).
 YEAR_BUCKET_BASE, YEAR_BUCKET_SPAN, YEAR_BUCKETS = 1900, 5, 26
+# Item features also written over each row's history (``history_genres``: the genres of the
+# user's earlier positives, repeats kept, so mean pooling gives the user's genre taste).
+HISTORY_FEATURES = ("genres",)
 
 
 def convert_movielens_retrieval(src: str | Path, out: str | Path, *, max_history: int = 50,
@@ -446,7 +449,8 @@ def convert_movielens_retrieval(src: str | Path, out: str | Path, *, max_history
     who rated), items are every movie of ``movies.csv`` or ``ratings.csv`` numbered by sorted
     ``movieId`` (``raw_id``). Item features: ``genres`` list<int64> (numbered alphabetically as in
     the multi-task conversion) and ``year_bucket`` int64 (the title's year in 5-year buckets, 0
-    if unknown). The catalog's ``title`` is null for movies missing from ``movies.csv``.
+    if unknown). Query feature ``history_genres`` list<int64>: the genres of every history movie
+    (repeats kept). The catalog's ``title`` is null for movies missing from ``movies.csv``.
     Returns meta.json's content plus the written ``paths``."""
     from data.retrieval import Feature, items_table, split_interactions, write_retrieval
 
@@ -481,7 +485,8 @@ def convert_movielens_retrieval(src: str | Path, out: str | Path, *, max_history
 
     split = split_interactions(user.astype(np.int64), movie.astype(np.int64), r["timestamp"],
                                r["rating"] >= min_rating, num_users=len(user_raw), num_items=len(movie_raw),
-                               max_history=max_history, test_fraction=test_fraction, item_features=item_features)
+                               max_history=max_history, test_fraction=test_fraction, item_features=item_features,
+                               history_features=HISTORY_FEATURES)
     missing = ~catalog["listed"][movie]
     extra = {
         "source": str(src),

@@ -16,11 +16,15 @@ Tables (``split_interactions`` builds them, ``write_retrieval`` writes them):
 
 ``train``: one row per training positive, in time order:
     ``user_id`` int64, [user feature columns], ``history`` list<int64> (the user's earlier
-    positives, oldest first, the latest ``max_history`` kept), ``item_id`` int64, [item feature
-    columns], ``timestamp`` int64.
+    positives, oldest first, the latest ``max_history`` kept), [``history_<feature>``
+    list<int64> for each of ``history_features``: that item feature of every history item, in
+    history order, repeats kept (a multiset: mean-pooled, it is the history's share of each
+    value, e.g. the user's genre taste)], ``item_id`` int64, [item feature columns],
+    ``timestamp`` int64.
 ``eval``: one row per user with a held-out positive, by user id:
     ``user_id`` int64, [user feature columns], ``history`` list<int64> (the user's latest training
-    positives, capped as above), ``targets`` list<int64> (held-out positives, time order, each item
+    positives, capped as above), [``history_<feature>`` columns as in train, over that history],
+    ``targets`` list<int64> (held-out positives, time order, each item
     once), ``seen`` list<int64> (every item of the training period, sorted; excluded from the
     user's ranking). Targets already in ``seen`` (a re-rated item) cannot be ranked, so they are
     left out and counted; a user left with no target has no eval row (counted).
@@ -54,6 +58,7 @@ RULES = (
     "train (a single-positive user is all train); users without positives have no rows",
     "train: one row per training positive; history = the user's earlier positives, the latest "
     "max_history, oldest first",
+    "history_<feature> (optional): that item feature of every history item, history order, repeats kept",
     "eval: one row per user with a held-out positive; history = latest training positives (capped); "
     "targets = held-out positives not already seen, each once; seen = every item of the training "
     "period (interactions before the first held-out positive, positive or not)",
@@ -91,6 +96,28 @@ class RetrievalSplit:
     counts: dict = field(default_factory=dict)
     user_features: dict[str, Feature] = field(default_factory=dict)
     item_features: dict[str, Feature] = field(default_factory=dict)
+    history_features: list[str] = field(default_factory=list)
+
+
+def history_column(feature: str) -> str:
+    """The query column that carries item feature `feature` of a row's history."""
+    return f"{HISTORY}_{feature}"
+
+
+def _history_bags(starts: np.ndarray, lengths: np.ndarray, items: np.ndarray, feature: Feature) -> pa.ListArray:
+    """list<int64> whose row i is `feature` of every item in ``items[starts[i] : starts[i] +
+    lengths[i]]``, concatenated in that order (a scalar feature: one value per item)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = items[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])]  # the history items
+    if feature.offsets is None:
+        return _ranges(offsets[:-1], lengths, feature.values[flat])
+    bag_len = feature.offsets[flat + 1] - feature.offsets[flat]
+    per_item = np.zeros(len(flat) + 1, dtype=np.int64)
+    np.cumsum(bag_len, out=per_item[1:])
+    values = _ranges(feature.offsets[flat], bag_len, feature.values).values.to_numpy()
+    row_start = per_item[offsets[:-1]]
+    return _ranges(row_start, per_item[offsets[1:]] - row_start, values)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray, values: np.ndarray) -> pa.ListArray:
@@ -111,8 +138,11 @@ def _check(name: str, ids: np.ndarray, size: int) -> None:
 def split_interactions(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, positive: np.ndarray, *,
                        num_users: int, num_items: int, max_history: int = 50, test_fraction: float = 0.2,
                        user_features: dict[str, Feature] | None = None,
-                       item_features: dict[str, Feature] | None = None) -> RetrievalSplit:
-    """Split interactions (arrays of one length, any order) into the train and eval tables."""
+                       item_features: dict[str, Feature] | None = None,
+                       history_features: list[str] | tuple[str, ...] = ()) -> RetrievalSplit:
+    """Split interactions (arrays of one length, any order) into the train and eval tables.
+    `history_features`: item features (keys of `item_features`) to write over each row's
+    history as ``history_<feature>`` columns."""
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"--test-fraction must be between 0 and 1 (exclusive), got {test_fraction}")
     if max_history < 0:
@@ -124,6 +154,10 @@ def split_interactions(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray
     _check("user", user, num_users)
     _check("item", item, num_items)
     user_features, item_features = dict(user_features or {}), dict(item_features or {})
+    history_features = list(history_features)
+    unknown = [f for f in history_features if f not in item_features]
+    if unknown:
+        raise DataError(f"history features {unknown} are not item features (have {sorted(item_features)})")
     n = len(user)
 
     # Time order, then grouped by user (stable: time order inside a user).
@@ -158,6 +192,8 @@ def split_interactions(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray
     train_cols = {USER_ID: pa.array(p_u[t])}
     train_cols.update({name: f.take(p_u[t]) for name, f in user_features.items()})
     train_cols[HISTORY] = _ranges(t - h_len, h_len, p_it)
+    for name in history_features:
+        train_cols[history_column(name)] = _history_bags(t - h_len, h_len, p_it, item_features[name])
     train_cols[ITEM_ID] = pa.array(p_it[t])
     train_cols.update({name: f.take(p_it[t]) for name, f in item_features.items()})
     train_cols[TIMESTAMP] = pa.array(p_ts[t])
@@ -183,7 +219,10 @@ def split_interactions(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray
     e_len = np.minimum(n_train[eval_users], max_history)
     eval_cols = {USER_ID: pa.array(eval_users.astype(np.int64))}
     eval_cols.update({name: f.take(eval_users) for name, f in user_features.items()})
-    eval_cols[HISTORY] = _ranges(p_start[eval_users] + n_train[eval_users] - e_len, e_len, p_it)
+    e_start = p_start[eval_users] + n_train[eval_users] - e_len
+    eval_cols[HISTORY] = _ranges(e_start, e_len, p_it)
+    for name in history_features:
+        eval_cols[history_column(name)] = _history_bags(e_start, e_len, p_it, item_features[name])
     eval_cols[TARGETS] = targets
     eval_cols[SEEN] = seen
     evaluation = pa.table(eval_cols)
@@ -205,7 +244,7 @@ def split_interactions(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray
         "items_in_train": int(len(np.unique(p_it[t]))),
     }
     return RetrievalSplit(train, evaluation, num_users, num_items, max_history, test_fraction, counts,
-                          user_features, item_features)
+                          user_features, item_features, history_features)
 
 
 def _grouped(users: np.ndarray, key_user: np.ndarray, values: np.ndarray) -> pa.ListArray:
@@ -251,12 +290,13 @@ def write_retrieval(out: str | Path, split: RetrievalSplit, items: pa.Table, ext
             USER_ID: split.num_users,
             ITEM_ID: split.num_items,
             HISTORY: split.num_items,
+            **{history_column(k): split.item_features[k].vocab for k in split.history_features},
             **{k: f.vocab for k, f in split.user_features.items()},
             **{k: f.vocab for k, f in split.item_features.items()},
         },
         "user_features": user_feats,
         "item_features": item_feats,
-        "query_features": [USER_ID, *user_feats, HISTORY],
+        "query_features": [USER_ID, *user_feats, HISTORY, *map(history_column, split.history_features)],
         "candidate_features": [ITEM_ID, *item_feats],
         "item_id_column": ITEM_ID,
         "history_column": HISTORY,

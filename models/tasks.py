@@ -153,8 +153,15 @@ class InBatchSoftmaxTask(Task):
         """output: logits [B, C]; label: positive column [B] int64 -> cross-entropy [B]."""
         return F.cross_entropy(output, label, reduction="none")
 
+    @staticmethod
+    def row_weights(outputs: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """Rows without an item (a null id: the reader counts it in null_ids) have no positive to
+        learn from: weight 0, like padding."""
+        return weights * (outputs["item_ids"] >= 0).to(weights.dtype)
+
     def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted mean over rows; weight-0 (padding) rows give nothing, an all-padding batch 0."""
+        weights = self.row_weights(outputs, weights)
         per_row = self.per_sample_loss(self.logits(outputs), outputs["positive_index"])
         return (per_row * weights).sum() / weights.sum().clamp(min=1.0)
 
@@ -162,6 +169,7 @@ class InBatchSoftmaxTask(Task):
     def stats(self, outputs: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """inbatch_accuracy: weighted share of rows whose best candidate is their positive;
         temperature: the softmax temperature (learned or fixed). Both [] tensors."""
+        weights = self.row_weights(outputs, weights)
         hit = (self.logits(outputs).argmax(dim=1) == outputs["positive_index"]).to(weights.dtype)
         return {"inbatch_accuracy": (hit * weights).sum() / weights.sum().clamp(min=1.0),
                 "temperature": outputs["temperature"].detach().float()}

@@ -182,7 +182,9 @@ class TwoTower(RecModel):
                 raise ArchConfigError("config key 'model.arch.extra_negatives': sampled negatives need the item "
                                       "catalog (data.items_path) passed to the model as ModelInputs.item_catalog")
             self.catalog = inputs.item_catalog
-            row_items = self.catalog.item_ids.to(torch.int64) % self.num_items
+            # The embedding row of each catalog item: its item-id feature, mapped by the id policy
+            # (trainer/build.item_catalog), one id per catalog row.
+            row_items = self.catalog.features[self.item_id_feature][0].to(torch.int64)
             self.sampler = NegativeSampler(arch.negative_sampler, row_items, self.num_items, arch.sampler_seed, meta)
 
     @property

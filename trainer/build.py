@@ -44,10 +44,11 @@ def item_catalog(cfg: RunConfig, schema: Schema):
         ids, _, _ = map_ids(values.numpy(), spec[feature].num_embeddings, schema.id_policy, where)
         return torch.from_numpy(ids)
 
-    catalog.item_ids = mapped(catalog.item_ids, arch.item_id_feature)
     catalog.features = {f: (mapped(v, f), o) for f, (v, o) in catalog.features.items()}
-    # The item id is a candidate feature too: one id per catalog row.
-    catalog.features[arch.item_id_feature] = (catalog.item_ids, torch.arange(len(catalog) + 1, dtype=torch.int64))
+    # The item id is a candidate feature too: one (mapped) id per catalog row; item_ids stay raw
+    # and sorted.
+    catalog.features[arch.item_id_feature] = (mapped(catalog.item_ids, arch.item_id_feature),
+                                              torch.arange(len(catalog) + 1, dtype=torch.int64))
     return catalog
 
 
@@ -86,8 +87,25 @@ def build_stream(cfg: RunConfig, schema: Schema, ctx: DistContext, path: str, tr
     )
 
 
-def is_retrieval(rec_model: RecModel) -> bool:
-    return any(t.kind == "retrieval" for t in rec_model.tasks)
+def catalog_schema(schema: Schema, rec_model: RecModel) -> Schema:
+    """How the item catalog is read: the candidate features (ids mapped as in training), the
+    query features as empty bags, the item id also raw (`extras[item_id_feature]`), no labels or
+    (query-side) dense columns."""
+    from dataclasses import replace
+
+    query_only = [f for f in schema.feature_names if f not in set(rec_model.candidate_features)]
+    return replace(schema, label_columns=(), binary_labels=(), dense_columns=(),
+                   absent_features=frozenset(query_only), passthrough=(rec_model.item_id_feature,))
+
+
+def users_schema(schema: Schema, rec_model: RecModel, cfg: RunConfig) -> Schema:
+    """How the eval users are read: the query features, the candidate features as empty bags,
+    and the raw `targets` and `seen` id lists."""
+    from dataclasses import replace
+
+    candidate_only = [f for f in schema.feature_names if f not in set(rec_model.query_features)]
+    return replace(schema, label_columns=(), binary_labels=(), absent_features=frozenset(candidate_only),
+                   passthrough=(cfg.data.targets_column, cfg.data.seen_column))
 
 
 def build_evaluator(cfg: RunConfig, rec_model: RecModel, schema: Schema, ctx: DistContext, path: str):
@@ -96,23 +114,16 @@ def build_evaluator(cfg: RunConfig, rec_model: RecModel, schema: Schema, ctx: Di
     baseline."""
     from trainer.evaluate import RankingEvaluator
 
-    if not is_retrieval(rec_model):
+    if not getattr(rec_model, "is_retrieval", False):
         return RankingEvaluator(rec_model.tasks, build_stream(cfg, schema, ctx, path, train=False), ctx.device,
                                 cfg.eval.max_batches)
-    from dataclasses import replace
-
     from trainer.retrieval_eval import RetrievalEvaluator
 
     if not cfg.data.items_path:
         raise ConfigError("config key 'data.items_path': retrieval evaluation scores the whole item catalog; set it "
                           "to the catalog Parquet (e.g. runs/movielens/items from `rectrain data movielens --task "
                           "retrieval`)")
-    query_only = [f for f in schema.feature_names if f not in set(rec_model.candidate_features)]
-    candidate_only = [f for f in schema.feature_names if f not in set(rec_model.query_features)]
-    users = replace(schema, label_columns=(), binary_labels=(), absent_features=frozenset(candidate_only),
-                    passthrough=(cfg.data.targets_column, cfg.data.seen_column))
-    catalog = replace(schema, label_columns=(), binary_labels=(), dense_columns=(),
-                      absent_features=frozenset(query_only), passthrough=(rec_model.item_id_feature,))
+    users, catalog = users_schema(schema, rec_model, cfg), catalog_schema(schema, rec_model)
     task = next(t for t in rec_model.tasks if t.kind == "retrieval")
     return RetrievalEvaluator(
         rec_model, task,

@@ -441,6 +441,9 @@ class RunConfig:
                      "set data.items_path (the converter writes OUT/items)")
             _require(not self.data.eval_path or bool(self.data.items_path), "data.items_path",
                      "retrieval evaluation ranks the full item catalog; set data.items_path (OUT/items)")
+            # The catalog, the sampled negatives and the exported query tower carry no per-id weights.
+            _require(not self.data.weight_columns, "data.weight_columns",
+                     f"model {self.model.name!r} does not support per-id weights; remove data.weight_columns")
         _require(not self.checkpoint.keep_best or bool(self.eval.best_metric), "checkpoint.keep_best",
                  "needs eval.best_metric (the metric that defines best), e.g. \"auc\"")
         if not self.data.eval_path:

@@ -145,6 +145,24 @@ def all_gather_objects(obj):
 
 
 def all_reduce_max(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():  # one process without a group (export)
+        return value
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` ([n_r, ...], n_r may differ by rank), concatenated in rank order;
+    `x` itself without a process group. No gradient (models/retrieval.gather_rows has one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])

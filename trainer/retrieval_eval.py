@@ -6,7 +6,9 @@ baseline on the same split.
 2. Users: each rank embeds its share of the eval users (one row per user: query features, the
    held-out `targets`, the `seen` items of the training period) and scores them against every
    item in chunks. Seen items are excluded from that user's ranking.
-3. Per user and K: Recall@K = hits / targets (targets missing from the catalog count, as misses),
+3. Per user and K: Recall@K = hits / targets (targets missing from the catalog or among the
+   user's seen items count, as misses that no ranking can find; users without targets are left
+   out and counted),
    NDCG@K with binary relevance (ideal DCG over min(K, targets)), HitRate@K = any hit, and the
    reciprocal rank of the best-ranked target over the whole catalog (MRR). Coverage@K is the
    share of the catalog that appears in some user's top K. Sums are all-reduced, so the numbers
@@ -24,7 +26,7 @@ import torch.distributed as dist
 
 from data.parquet import ParquetStream
 from data.schema import DataError
-from trainer.distributed import all_reduce_max
+from trainer.distributed import all_gather_varlen, all_reduce_max
 from trainer.loader import make_loader, padded_batches
 
 # Scores of at most this many (user, item) pairs are held at once.
@@ -45,22 +47,6 @@ class ItemVectors:
             return torch.zeros_like(raw), torch.zeros_like(raw, dtype=torch.bool)
         pos = torch.searchsorted(self.raw_ids, raw).clamp(max=len(self.raw_ids) - 1)
         return pos, self.raw_ids[pos] == raw
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of `x` ([n_r, ...], n_r may differ), concatenated in rank order."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    counts = [int(s.item()) for s in sizes]
-    most = max(counts)
-    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 def _rows_of(values: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +84,9 @@ def embed_catalog(model, stream: ParquetStream, device: torch.device, num_dense:
         raws.append(values)
         rows.append(outputs["item_ids"][mask])
         vecs.append(outputs["candidate"][mask].float())
-    raw = gather_rows(torch.cat(raws)) if raws else torch.zeros(0, dtype=torch.int64, device=device)
-    row = gather_rows(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.int64, device=device)
-    vec = gather_rows(torch.cat(vecs)) if vecs else torch.zeros(0, 1, device=device)
+    raw = all_gather_varlen(torch.cat(raws)) if raws else torch.zeros(0, dtype=torch.int64, device=device)
+    row = all_gather_varlen(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.int64, device=device)
+    vec = all_gather_varlen(torch.cat(vecs)) if vecs else torch.zeros(0, 1, device=device)
     order = torch.argsort(raw)
     raw, row, vec = raw[order], row[order], vec[order]
     dup = (raw[1:] == raw[:-1]).nonzero()
@@ -136,8 +122,12 @@ class _Totals:
             self.sums[3 * i + 2] += (n_hit > 0).double().sum()
             shown = top[:, :k][valid_top[:, :k]]
             self.covered[i].index_fill_(0, shown, 1)
-        best = scores.masked_fill(~relevant, float("-inf")).max(dim=1).values  # [b]
-        rank = 1 + (scores > best[:, None]).sum(dim=1)
+        # The best-ranked target's place in the whole catalog; equal scores rank the lower
+        # catalog position first (the order popularity's tie-break uses too).
+        best, best_pos = scores.masked_fill(~relevant, float("-inf")).max(dim=1)  # [b]
+        positions = torch.arange(scores.shape[1], device=scores.device)
+        ahead = (scores > best[:, None]) | ((scores == best[:, None]) & (positions[None, :] < best_pos[:, None]))
+        rank = 1 + ahead.sum(dim=1)
         reachable = best > float("-inf")
         self.sums[-2] += torch.where(reachable, 1.0 / rank.double(), torch.zeros_like(best, dtype=torch.float64)).sum()
         self.sums[-1] += len(num_targets)
@@ -170,8 +160,16 @@ def evaluate_retrieval(model, items: ItemVectors, popularity: torch.Tensor, stre
     num_items = len(items.raw_ids)
     model_totals = _Totals(ks, num_items, device)
     pop_totals = _Totals(ks, num_items, device)
-    missing = torch.zeros(2, dtype=torch.float64, device=device)  # targets not in catalog, all targets
+    # Popularity ties (small integer counts) are broken by catalog position, lowest first: a
+    # fraction below 1 never reorders different counts, and the ranking is the same on any device.
+    order = torch.arange(num_items, 0, -1, device=device, dtype=torch.float64) / (2.0 * max(num_items, 1))
+    popularity = popularity.double() + order
+    # targets not in the catalog, all targets, targets among the user's seen items, users without targets
+    counted = torch.zeros(4, dtype=torch.float64, device=device)
     for batch, outputs, mask in _run(model, stream, device, num_dense, max_batches):
+        has_targets = batch.extras[targets_column][1].to(device) > 0
+        counted[3] += float((mask & ~has_targets).sum())
+        mask = mask & has_targets  # nothing to find: left out of every mean, and counted
         if not bool(mask.any()):
             continue
         query = outputs["query"][mask].float()
@@ -179,7 +177,8 @@ def evaluate_retrieval(model, items: ItemVectors, popularity: torch.Tensor, stre
         s_values, s_lengths = (x.to(device) for x in _rows_of(*batch.extras[seen_column], mask))
         t_pos, t_found = items.positions(t_values)
         s_pos, s_found = items.positions(s_values)
-        missing += torch.tensor([float((~t_found).sum()), float(len(t_values))], dtype=torch.float64, device=device)
+        counted[:2] += torch.tensor([float((~t_found).sum()), float(len(t_values))], dtype=torch.float64,
+                                    device=device)
         t_row = torch.repeat_interleave(torch.arange(len(t_lengths), device=device), t_lengths)
         s_row = torch.repeat_interleave(torch.arange(len(s_lengths), device=device), s_lengths)
         step = max(1, _SCORE_CHUNK // max(num_items, 1))
@@ -193,17 +192,19 @@ def evaluate_retrieval(model, items: ItemVectors, popularity: torch.Tensor, stre
             sel = s_found & (s_row >= lo) & (s_row < hi)
             seen[s_row[sel] - lo, s_pos[sel]] = True
             n_targets = t_lengths[lo:hi]
+            counted[2] += float((relevant & seen).sum())  # excluded as seen: cannot be found
             scores = (query[lo:hi] @ items.vectors.T).masked_fill(seen, float("-inf"))
             model_totals.add(scores, relevant, n_targets)
-            pop = popularity.double()[None, :].expand(b, -1).masked_fill(seen, float("-inf"))
+            pop = popularity[None, :].expand(b, -1).masked_fill(seen, float("-inf"))
             pop_totals.add(pop, relevant, n_targets)
     model_totals.reduce()
     pop_totals.reduce()
     if dist.is_initialized():
-        dist.all_reduce(missing)
+        dist.all_reduce(counted)
     return {**model_totals.metrics(num_items), **pop_totals.metrics(num_items, "popularity_"),
-            "num_users": int(model_totals.sums[-1]), "num_items": num_items,
-            "num_targets": int(missing[1]), "targets_not_in_catalog": int(missing[0])}
+            "num_users": int(model_totals.sums[-1]), "num_items": num_items, "num_targets": int(counted[1]),
+            "targets_not_in_catalog": int(counted[0]), "targets_in_seen": int(counted[2]),
+            "users_without_targets": int(counted[3])}
 
 
 class RetrievalEvaluator:

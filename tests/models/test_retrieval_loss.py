@@ -204,3 +204,13 @@ def test_two_ranks_gather_every_rows_with_gradients_to_their_owner_and_equal_cou
         ids, log_q = res[r]["ids"], res[r]["log_q"]
         for item, n in ((1, 1), (4, 3), (7, 1)):
             assert log_q[ids == item].allclose(torch.tensor(math.log(5 * n / 5)))
+
+
+def test_a_row_without_an_item_counts_nothing_even_with_weight_one():
+    # a null item id (an empty bag): no positive to learn from, so it must not add a huge masked loss
+    q, c = _unit(3, 4, seed=9), _unit(3, 4, seed=10)
+    out = _outputs(q, c, [1, 2, -1], [1, 2, -1], valid=[True, True, False])
+    want = F.cross_entropy((q @ c.T / 0.5)[:2, :2], torch.arange(2))
+    torch.testing.assert_close(TASK.loss(out, torch.zeros(3, 0), torch.ones(3)), want)
+    accuracy = ((q @ c.T)[:2, :2].argmax(dim=1) == torch.arange(2)).float().mean()
+    torch.testing.assert_close(TASK.stats(out, torch.ones(3))["inbatch_accuracy"], accuracy)

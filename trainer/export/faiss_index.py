@@ -185,17 +185,6 @@ def search_excluding(index, queries: np.ndarray, k: int,
     return rows_out, scores_out
 
 
-def recall_at_k(rows: np.ndarray, targets: list[np.ndarray], k: int) -> float:
-    """Mean over queries with at least one target of |top-k ∩ targets| / |targets| (targets
-    are item row numbers; the caller drops targets missing from the catalog and seen ones)."""
-    total, users = 0.0, 0
-    for r, t in zip(rows, targets):
-        if len(t):
-            total += np.isin(t, r[:k][r[:k] >= 0]).sum() / len(t)
-            users += 1
-    return total / users if users else 0.0
-
-
 def timed_search(index, queries: np.ndarray, k: int, exclude: list[np.ndarray]) -> tuple[np.ndarray, float]:
     """(rows [Q, k], mean milliseconds per query) of `search_excluding`."""
     t0 = time.perf_counter()

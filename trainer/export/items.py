@@ -9,7 +9,7 @@ FAISS label:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,42 +60,25 @@ class ItemTable:
 
 @torch.no_grad()
 def embed_catalog(cfg, model, schema, batch_size: int = 4096) -> ItemTable:
-    """Candidate-tower vectors of every row of `data.items_path`, read by the training reader
-    (the id policy maps the item features as in training) with the query features absent, in
-    one process. Titles come from the catalog's `data.title_column` when it has one."""
+    """Candidate-tower vectors of every row of `data.items_path`, read as the training run's
+    evaluation reads it (trainer/build.catalog_schema), in one process. Titles come from the
+    catalog's `data.title_column` when it has one."""
     from data.catalog import ItemCatalog
     from data.parquet import ParquetStream
+    from trainer.build import catalog_schema
+    from trainer.retrieval_eval import embed_catalog as embed
+    from trainer.train_module import TrainModule
 
     if not cfg.data.items_path:
         raise DataError("config key 'data.items_path' is empty: export embeds the item catalog; set it to the "
                         "catalog Parquet (OUT/items of `rectrain data ... --task retrieval`)")
     id_col = model.item_id_feature
-    query_only = [f for f in schema.feature_names if f not in set(model.candidate_features)]
-    items_schema = replace(schema, label_columns=(), binary_labels=(), dense_columns=(),
-                           absent_features=frozenset(query_only), passthrough=(id_col,))
-    stream = ParquetStream(cfg.data.items_path, items_schema, batch_size=batch_size, rank=0, world_size=1,
-                           num_workers=0, shuffle=False)
-    stream.set_epoch(0)
-    raws, vecs = [], []
-    for batch in stream:
-        if batch.num_samples == 0:
-            continue
-        values, lengths = batch.extras[id_col]
-        if bool((lengths != 1).any()):
-            raise DataError(f"{cfg.data.items_path}: column {id_col!r} must hold exactly one item id per catalog row")
-        pooled = model.sparse(batch.sparse).to_dict()
-        raws.append(values.clone())
-        vecs.append(model.encode_candidate(pooled).float())
-    if not raws:
+    stream = ParquetStream(cfg.data.items_path, catalog_schema(schema, model), batch_size=batch_size, rank=0,
+                           world_size=1, num_workers=0, shuffle=False)
+    items = embed(TrainModule(model).eval(), stream, torch.device("cpu"), schema.num_dense, id_col)
+    if not len(items.raw_ids):
         raise DataError(f"{cfg.data.items_path}: the item catalog has no rows")
-    raw = torch.cat(raws).numpy()
-    vectors = torch.cat(vecs).numpy()
-    order = np.argsort(raw, kind="stable")
-    raw, vectors = raw[order], vectors[order]
-    dup = np.flatnonzero(raw[1:] == raw[:-1])
-    if len(dup):
-        raise DataError(f"{cfg.data.items_path}: item id {int(raw[dup[0]])} appears more than once in the catalog; "
-                        f"give every item one row")
+    raw, vectors = items.raw_ids.numpy(), items.vectors.numpy()
     catalog = ItemCatalog.read(cfg.data.items_path, [], title_column=cfg.data.title_column, id_column=id_col)
     titles = None
     if catalog.titles is not None:
