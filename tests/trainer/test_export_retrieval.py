@@ -295,6 +295,7 @@ def test_retrieve_round_trip(trained, capsys):
     (["--features", '{"user_id": 3,'], "--features is not valid JSON"),
     (["--features", '{"usr": 3}'], "unknown feature(s) ['usr']"),
     (["--features", '{"history": ["a"]}'], "ids must be integers"),
+    (["--features", '{"user_id": 3, "seen": [1.5]}'], "'seen' must be a list of integer item ids"),
 ])
 def test_retrieve_errors_are_one_line(trained, capsys, args, message):
     code, _, err = _retrieve(capsys, "--export", str(trained["out"]), *args)

@@ -56,6 +56,8 @@ def run(args) -> int:
         seen = row.get(seen_key) if seen_key in row else export.history_items(row)
         if not isinstance(seen, list):
             seen = [seen]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in seen):
+            raise DataError(f"--features: {seen_key!r} must be a list of integer item ids, got {seen!r}")
         where = "--features"
     if args.include_seen:
         seen = []
