@@ -132,6 +132,25 @@ def test_features_are_gathered_per_row_and_bad_ids_refused():
         _split(user=[0], item=[0], ts=[1], pos=[1], test_fraction=1.0)
 
 
+def test_history_features_follow_the_history():
+    genres = Feature(5, np.array([0, 1, 2, 3], np.int64), np.array([0, 2, 2, 4], np.int64))  # 3 items
+    year = Feature(9, np.array([5, 6, 7], np.int64))
+    s = _split(user=[0, 0, 0, 0, 0, 0], item=[2, 0, 2, 0, 2, 1], ts=[1, 2, 3, 4, 5, 6], pos=[1, 1, 0, 1, 1, 1],
+               num_items=3, item_features={"genres": genres, "year": year}, history_features=["genres", "year"])
+    t = s.train.to_pydict()  # positives 2, 0, 0, 2 | held out: 1
+    assert t["history"] == [[], [2], [2, 0], [2, 0, 0]]
+    assert t["history_genres"] == [[], [2, 3], [2, 3, 0, 1], [2, 3, 0, 1, 0, 1]]
+    assert t["history_year"] == [[], [7], [7, 5], [7, 5, 5]]
+    e = s.eval.to_pydict()
+    assert e["history"] == [[2, 0, 0, 2]] and e["targets"] == [[1]]
+    assert e["history_genres"] == [[2, 3, 0, 1, 0, 1, 2, 3]] and e["history_year"] == [[7, 5, 5, 7]]
+    capped = _split(user=[0] * 4, item=[2, 0, 1, 2], ts=[1, 2, 3, 4], pos=[1] * 4, num_items=3, max_history=2,
+                    item_features={"genres": genres}, history_features=["genres"]).train.to_pydict()
+    assert capped["history"][-1] == [2, 0] and capped["history_genres"][-1] == [2, 3, 0, 1]
+    with pytest.raises(DataError, match="history features"):
+        _split(user=[0], item=[0], ts=[1], pos=[1], item_features={"genres": genres}, history_features=["nope"])
+
+
 def test_write_retrieval_layout_and_meta(tmp_path):
     genres = Feature(4, np.array([0, 1, 2, 3], np.int64), np.array([0, 2, 2, 3, 4], np.int64))
     s = _split(user=[0, 0, 0, 1, 1], item=[0, 1, 2, 3, 1], ts=[1, 2, 3, 4, 5], pos=[1] * 5, num_items=4,
@@ -275,6 +294,9 @@ def test_movielens_retrieval_counts_and_rules(movielens_retrieval):
     train = pq.read_table(root / "train").to_pydict()
     assert all(rating[(users[u], items["raw_id"][i])] >= 4.0 for u, i in zip(train["user_id"], train["item_id"]))
     assert max(len(h) for h in train["history"]) == 50
+    genres = items["genres"]
+    assert all(g == [x for i in h for x in genres[i]] for h, g in zip(train["history"], train["history_genres"]))
+    assert meta["query_features"] == ["user_id", "history", "history_genres"]
 
 
 def test_movielens_retrieval_cli_and_flag_checks(tmp_path, capsys):
