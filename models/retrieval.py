@@ -155,7 +155,8 @@ class NegativeSampler(nn.Module):
     row_items [N] int64: the mapped item id of each catalog row. Draws are reproducible: the
     generator of each call is seeded from (seed, rank, call number), and the call number is the
     persistent buffer `calls` (checkpointed with the model, equal on every rank), so a resumed
-    run draws what the uninterrupted one would have.
+    run on the same kind of device draws what the uninterrupted one would have. Everything runs
+    on the device of the item counts: no per-step copy of catalog-sized tensors.
     """
 
     KINDS = ("uniform", "popularity")
@@ -170,40 +171,51 @@ class NegativeSampler(nn.Module):
         self.row_items = row_items.to(torch.int64).cpu()
         self.num_items = num_items
         self.seed = seed
+        # Catalog rows per item id (several under a hashing id policy): s_j sums over them.
+        self._multiplicity = torch.bincount(self.row_items, minlength=num_items).to(torch.float64)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def row_weights(self, frequency: ItemFrequency | None) -> torch.Tensor:
-        """Unnormalised draw weight of each catalog row, float64 [N] on the CPU."""
-        if self.kind == "uniform" or frequency is None:
-            return torch.ones(len(self.row_items), dtype=torch.float64)
-        counts = frequency.counts.detach().cpu()[self.row_items].to(torch.float64)
-        return (counts + 1.0) ** POPULARITY_EXPONENT
+    def _catalog(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_items, multiplicity) on `device`, copied once."""
+        if device not in self._on:
+            self._on[device] = (self.row_items.to(device), self._multiplicity.to(device))
+        return self._on[device]
 
-    def item_probs(self, frequency: ItemFrequency | None) -> torch.Tensor:
-        """s: per-draw probability of each item id, float64 [num_items] (CPU), summed over the
-        catalog rows that hold it."""
-        return self._item_probs(self.row_weights(frequency))
+    def items_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The mapped item id of catalog rows [m], on the rows' device."""
+        return self._catalog(rows.device)[0][rows]
 
-    def _item_probs(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.num_items, dtype=torch.float64).index_add_(0, self.row_items, w) / w.sum()
+    def item_weights(self, frequency: ItemFrequency) -> torch.Tensor:
+        """Unnormalised draw weight of one catalog row of each item id, float64 [num_items]."""
+        if self.kind == "uniform":
+            return torch.ones(self.num_items, dtype=torch.float64, device=frequency.counts.device)
+        return (frequency.counts.to(torch.float64) + 1.0) ** POPULARITY_EXPONENT
+
+    def probabilities(self, item_ids: torch.Tensor, frequency: ItemFrequency) -> torch.Tensor:
+        """s_j: the per-draw probability of item j (summed over its catalog rows), float64 [C]
+        for item ids [C]; 0 for negative ids (no item)."""
+        _, multiplicity = self._catalog(frequency.counts.device)
+        w = self.item_weights(frequency) * multiplicity
+        ids = item_ids.to(w.device)
+        s = w[ids.clamp(min=0)] / w.sum()
+        return torch.where(ids >= 0, s, torch.zeros_like(s)).to(item_ids.device)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.calls.zero_()
 
-    def generator(self, call: int) -> torch.Generator:
+    def generator(self, call: int, device: torch.device) -> torch.Generator:
         rank, _ = rank_and_world()
         # Distinct streams per rank and call; the odd multipliers keep (seed, rank, call) apart.
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + rank * 7_919 + call * 104_729) % 2**63)
+        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + rank * 7_919 + call * 104_729) % 2**63)
 
-    def sample(self, m: int, frequency: ItemFrequency | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(catalog rows [m] int64, per-item draw probabilities s [num_items] float64), on the
-        CPU; advances `calls`."""
-        g = self.generator(int(self.calls))
+    def sample(self, m: int, frequency: ItemFrequency) -> torch.Tensor:
+        """Catalog rows [m] int64 on the counts' device; advances `calls`."""
+        device = frequency.counts.device
+        g = self.generator(int(self.calls), device)
         with torch.no_grad():
             self.calls += 1
-        w = self.row_weights(frequency)
+        row_items, _ = self._catalog(device)
         if self.kind == "uniform":
-            rows = torch.randint(len(self.row_items), (m,), generator=g)
-        else:
-            rows = torch.multinomial(w, m, replacement=True, generator=g)
-        return rows, self._item_probs(w)
+            return torch.randint(len(row_items), (m,), generator=g, device=device)
+        return torch.multinomial(self.item_weights(frequency)[row_items], m, replacement=True, generator=g)

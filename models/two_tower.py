@@ -84,23 +84,26 @@ class TwoTowerConfig:
 
 
 class Temperature(nn.Module):
-    """The softmax temperature as a [] tensor: fixed, or learned as log(T) (positive by
-    construction, clamped to [MIN_TEMPERATURE, MAX_TEMPERATURE])."""
+    """The softmax temperature as a [] tensor: fixed, or learned as
+    T = MIN * (MAX / MIN) ** sigmoid(theta): always inside [MIN_TEMPERATURE, MAX_TEMPERATURE] with
+    a gradient everywhere (a clamp would stop learning for good once T ran into a bound)."""
 
     def __init__(self, initial: float, learn: bool, device: torch.device | None = None) -> None:
         super().__init__()
         self.initial = initial
-        self.log_value = nn.Parameter(torch.empty((), device=device)) if learn else None
+        self.theta = nn.Parameter(torch.empty((), device=device)) if learn else None
 
     def reset_parameters(self) -> None:
-        if self.log_value is not None:
+        if self.theta is not None:
+            share = math.log(self.initial / MIN_TEMPERATURE) / math.log(MAX_TEMPERATURE / MIN_TEMPERATURE)
+            share = min(max(share, 1e-6), 1 - 1e-6)  # the bounds themselves are sigmoid(+-inf)
             with torch.no_grad():
-                self.log_value.fill_(math.log(self.initial))
+                self.theta.fill_(math.log(share / (1 - share)))
 
     def forward(self, device: torch.device) -> torch.Tensor:
-        if self.log_value is None:
+        if self.theta is None:
             return torch.tensor(self.initial, device=device)
-        return self.log_value.exp().clamp(MIN_TEMPERATURE, MAX_TEMPERATURE)
+        return MIN_TEMPERATURE * (MAX_TEMPERATURE / MIN_TEMPERATURE) ** torch.sigmoid(self.theta)
 
 
 class Tower(nn.Module):
@@ -152,7 +155,6 @@ class TwoTower(RecModel):
         self.query_features = list(arch.query_features)
         self.candidate_features = list(arch.candidate_features)
         self.item_id_feature = arch.item_id_feature
-        self.feature_names = [f for t in tables for f in t.feature_names]  # the KJT's keys, schema order
         self.feature_table = {f: t.name for t in tables for f in t.feature_names}
         pooling = {t.name: t.pooling for t in model_cfg.tables}
         self.feature_pooling = {f: pooling[table] for f, table in self.feature_table.items()}
@@ -219,9 +221,9 @@ class TwoTower(RecModel):
         if self.training:
             global_ids = gather_values(item_ids, -1)  # [W * m], this rank's rows first
             self.item_frequency.update(global_ids)
-        negative_rows = sampler_probs = None
+        negative_rows = None
         if self.training and self.extra_negatives:
-            negative_rows, sampler_probs = self.sampler.sample(self.extra_negatives, self.item_frequency)
+            negative_rows = self.sampler.sample(self.extra_negatives, self.item_frequency)
             sparse = self._with_catalog_rows(sparse, negative_rows.to(item_ids.device))
         pooled = self.sparse(sparse).to_dict()
         first = {f: v[:batch] for f, v in pooled.items()}
@@ -239,12 +241,12 @@ class TwoTower(RecModel):
         in_batch = candidate_valid.sum()
         if negative_rows is not None:
             negatives = self.encode_candidate({f: v[batch:] for f, v in pooled.items()})
-            negative_ids = self.sampler.row_items[negative_rows].to(item_ids.device)
+            negative_ids = self.sampler.items_of(negative_rows.to(item_ids.device))
             candidates = torch.cat([candidates, negatives])
             candidate_ids = torch.cat([candidate_ids, negative_ids])
             candidate_valid = torch.cat([candidate_valid, torch.ones_like(negative_ids, dtype=torch.bool)])
         if self.logq_correction:
-            probs = None if sampler_probs is None else sampler_probs.to(item_ids.device)[candidate_ids.clamp(min=0)]
+            probs = None if negative_rows is None else self.sampler.probabilities(candidate_ids, self.item_frequency)
             log_q = self.item_frequency.log_expected(candidate_ids, in_batch, self.extra_negatives, probs)
         else:
             log_q = torch.zeros(candidate_ids.shape, device=candidates.device)
@@ -266,9 +268,8 @@ class TwoTower(RecModel):
         for f in sparse.keys():
             jt = per_feature[f]
             extra_values, extra_lengths = bags.get(f, (torch.zeros(0, dtype=torch.int64, device=device), empty))
-            # Raw catalog ids fold into the table as data.id_policy "modulo" does (an identity
-            # for the compact ids the converters write).
-            values += [jt.values(), extra_values.to(jt.values().dtype) % self.feature_sizes[f]]
+            # Catalog ids arrive mapped by the run's id policy (trainer/build.item_catalog).
+            values += [jt.values(), extra_values.to(jt.values().dtype)]
             lengths += [jt.lengths(), extra_lengths.to(jt.lengths().dtype)]
             if self.weighted:
                 weights += [jt.weights(), torch.ones(len(extra_values), device=device)]

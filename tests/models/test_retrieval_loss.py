@@ -126,16 +126,24 @@ def test_samplers_are_reproducible_and_their_probabilities_match_their_law():
     freq.update(torch.tensor([1, 1, 1, 2]))
     pop = NegativeSampler("popularity", row_items, 5, seed=3)
     w = torch.tensor([1.0, 4.0, 2.0, 1.0], dtype=torch.float64) ** 0.75
-    torch.testing.assert_close(pop.item_probs(freq), torch.cat([w / w.sum(), torch.zeros(1, dtype=torch.float64)]))
-    rows_a, probs = pop.sample(4000, freq)
+    want = torch.cat([w / w.sum(), torch.zeros(1, dtype=torch.float64)])  # item 4 has no catalog row
+    torch.testing.assert_close(pop.probabilities(torch.arange(5), freq), want)
+    assert pop.probabilities(torch.tensor([-1]), freq).item() == 0.0  # no item
+    rows_a = pop.sample(4000, freq)
     assert pop.calls.item() == 1
     share = torch.bincount(rows_a, minlength=4).double() / 4000
     torch.testing.assert_close(share, w / w.sum(), atol=0.03, rtol=0)
+    assert torch.equal(pop.items_of(rows_a), row_items[rows_a])
     again = NegativeSampler("popularity", row_items, 5, seed=3)
-    assert torch.equal(again.sample(4000, freq)[0], rows_a)  # same seed and call number: same draws
-    assert not torch.equal(pop.sample(4000, freq)[0], rows_a)  # the next call draws anew
+    assert torch.equal(again.sample(4000, freq), rows_a)  # same seed and call number: same draws
+    assert not torch.equal(pop.sample(4000, freq), rows_a)  # the next call draws anew
     uni = NegativeSampler("uniform", row_items, 5)
-    torch.testing.assert_close(uni.item_probs(freq), torch.tensor([0.25] * 4 + [0.0], dtype=torch.float64))
+    torch.testing.assert_close(uni.probabilities(torch.arange(5), freq),
+                               torch.tensor([0.25] * 4 + [0.0], dtype=torch.float64))
+    # two catalog rows holding one item (a hashing id policy): that item is drawn twice as often
+    shared = NegativeSampler("uniform", torch.tensor([0, 0, 1]), 2)
+    torch.testing.assert_close(shared.probabilities(torch.tensor([0, 1]), ItemFrequency(2)),
+                               torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
 
 
 def test_gather_is_a_no_op_without_a_process_group():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from data.batch import Batch, padding_batch
 from data.catalog import ItemCatalog
+from models.retrieval import ItemFrequency
 from models.registry import ModelInputs, build_model
 from tests.conftest import ROOT
 from tests.models.helpers import kjt, materialize
@@ -114,15 +115,22 @@ def test_padding_batch_gives_zero_loss_and_zero_gradients():
 
 def test_a_learned_temperature_gets_a_gradient_and_stays_in_range():
     model = _model("model.arch.learn_temperature=true", "model.arch.temperature=0.1")
-    assert model.temperature.log_value.item() == pytest.approx(math.log(0.1))
     out = model(torch.zeros(4, 0), _batch())
     assert out["temperature"].item() == pytest.approx(0.1)
     loss, _ = model.loss(out, torch.zeros(4, 0), torch.ones(4))
     loss.backward()
-    assert model.temperature.log_value.grad.abs().item() > 0
+    assert model.temperature.theta.grad.abs().item() > 0
+    # far past either bound it stays inside them, and still has a gradient to come back with
+    for theta, bound in ((-40.0, 0.005), (40.0, 1.0)):
+        with torch.no_grad():
+            model.temperature.theta.fill_(theta)
+        model.temperature.theta.grad = None
+        t = model.temperature(torch.device("cpu"))
+        assert t.item() == pytest.approx(bound, rel=1e-6)
     with torch.no_grad():
-        model.temperature.log_value.fill_(math.log(1e-5))
-    assert model.temperature(torch.device("cpu")).item() == pytest.approx(0.005)
+        model.temperature.theta.fill_(6.0)
+    model.temperature(torch.device("cpu")).backward()
+    assert model.temperature.theta.grad.item() > 0
 
 
 def test_dense_columns_join_the_query_input():
@@ -148,7 +156,7 @@ def test_extra_negatives_come_from_the_catalog_through_the_same_towers():
     out = model(torch.zeros(4, 0), _batch())
     assert out["candidates"].shape == (9, 8) and out["candidate_valid"].all()
     negatives = out["candidate_ids"][4:]
-    rows, probs = model.sampler.__class__("uniform", torch.arange(1000), 1000, 0).sample(5)
+    rows = model.sampler.__class__("uniform", torch.arange(1000), 1000, 0).sample(5, ItemFrequency(1000))
     assert negatives.tolist() == rows.tolist()  # reproducible: seed 0, call 0
     assert model.sampler.calls.item() == 1
     # A negative's embedding is the candidate tower over its catalog features.
