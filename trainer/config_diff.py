@@ -45,9 +45,19 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 
 
 def changed(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-    """Every dotted key whose value differs: {key: (saved, current)}."""
+    """Every dotted key whose value differs: {key: (saved, current)}.
+
+    A field that rectrain added after the checkpoint was written (absent from a section that the
+    saved config has, e.g. a new `data.*` option or a task's `top_k`) is not a change: the run
+    was trained with that field's behaviour of the time. A whole new entry (another task, table
+    or weight column) still is."""
     a, b = flatten(saved), flatten(current)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+    def new_field(key: str) -> bool:
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        return key not in a and bool(parent) and any(k.startswith(parent) for k in a)
+
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not new_field(k)}
 
 
 def resume_conflicts(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:

@@ -27,3 +27,18 @@ def test_describe_stays_one_line_and_short():
     conflicts = {f"k{i}": ("x" * 100, i) for i in range(9)}
     text = describe(conflicts)
     assert "\n" not in text and text.endswith("and 3 more") and len(text) < 600
+
+
+def test_fields_added_since_the_checkpoint_are_not_changes_but_new_entries_are():
+    current = load_config(BASE).to_dict()
+    old = load_config(BASE).to_dict()
+    del old["data"]["max_list_length"]  # options rectrain gained after this checkpoint was written
+    del old["model"]["tasks"][0]["top_k"]
+    assert changed(old, current) == {}
+    assert eval_conflicts(old, current) == {} and resume_conflicts(old, current) == {}
+    grown = load_config(BASE).to_dict()
+    grown["model"]["tasks"].append(dict(grown["model"]["tasks"][0], name="extra"))
+    assert "model.tasks[1].name" in eval_conflicts(old, grown)  # a whole new task is still a change
+    grown = load_config(BASE).to_dict()
+    grown["data"]["weight_columns"] = {"cat_0": "w0"}
+    assert "data.weight_columns" in eval_conflicts(current, grown)
