@@ -15,7 +15,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.stop_at_step", "train.log_every", "train.device",
     "train.max_skipped_steps", "eval.", "logging.", "checkpoint.every_steps", "checkpoint.keep_last",
     "checkpoint.resume", "checkpoint.async_save", "checkpoint.at_end", "data.eval_path", "data.eval_batch_size",
-    "data.prefetch_factor", "data.num_workers", "sharding.",
+    "data.prefetch_factor", "data.num_workers", "sharding.", "precision.comms",
 )
 
 # What evaluation needs to read a checkpoint the way it was trained: the model and its inputs.
