@@ -196,5 +196,7 @@ def all_to_all_dtypes(model: nn.Module) -> dict[str, str]:
             codecs = getattr(output_dist, "_codecs", None)
             if codecs is not None:
                 for direction in found:
-                    found[direction].add(str(getattr(codecs, direction).quantized_dtype).replace("torch.", ""))
+                    codec = getattr(codecs, direction)
+                    dtype = getattr(codec, "quantized_dtype", None) or getattr(codec, "_comm_precision", "?")
+                    found[direction].add(str(dtype).replace("torch.", "").lower())
     return {d: ",".join(sorted(v)) or "float32" for d, v in found.items()}
