@@ -44,9 +44,19 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
+def _with_added_sections(saved: dict) -> dict:
+    """A config saved before a section existed reads as that section's defaults (`precision`:
+    fp32 everywhere, what every run was before it), so old checkpoints still resume."""
+    from dataclasses import asdict
+
+    from trainer.config import PrecisionConfig
+
+    return {"precision": asdict(PrecisionConfig()), **saved}
+
+
 def changed(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """Every dotted key whose value differs: {key: (saved, current)}."""
-    a, b = flatten(saved), flatten(current)
+    a, b = flatten(_with_added_sections(saved)), flatten(current)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -126,6 +126,14 @@ def test_resume_refuses_a_changed_dense_or_table_dtype_but_takes_other_comms():
         assert list(conflicts) == [key]
 
 
+def test_a_checkpoint_config_from_before_the_precision_section_resumes_as_fp32():
+    saved = load_config(SYNTH_CONFIG).to_dict()
+    del saved["precision"]
+    assert resume_conflicts(saved, load_config(SYNTH_CONFIG).to_dict()) == {}
+    assert list(resume_conflicts(saved, load_config(SYNTH_CONFIG, ['precision.dense="bf16"']).to_dict())) == \
+        ["precision.dense"]
+
+
 @pytest.mark.multiprocess
 def test_fp16_and_bf16_quantized_comms_train_on_two_cpu_ranks(synth_data, tmp_path):
     """One torchrun job over gloo trains the same run with fp32, fp16 and bf16 all-to-alls."""
