@@ -7,6 +7,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from models.precision import dense_input
 from models.registry import ArchConfigError, embedding_bag_configs
 
 
@@ -45,7 +46,7 @@ class SparseArch(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.embedding_bag_collection(features).to_dict()
-        return torch.stack([pooled[f] for f in self.feature_names], dim=1)
+        return dense_input(torch.stack([pooled[f] for f in self.feature_names], dim=1))
 
 
 class DotInteraction(nn.Module):
@@ -87,7 +88,7 @@ class FlatInputArch(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.embedding_bag_collection(sparse).to_dict()
         dense = self.dense_arch(dense) if self.dense_arch is not None else dense
-        return torch.cat([dense, *(pooled[f] for f in self.feature_names)], dim=1)
+        return torch.cat([dense, dense_input(torch.cat([pooled[f] for f in self.feature_names], dim=1))], dim=1)
 
     @classmethod
     def over_all_tables(cls, model_cfg, inputs, dense_arch: list[int]) -> "FlatInputArch":

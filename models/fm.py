@@ -26,6 +26,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from models.precision import dense_input
 from models.registry import embedding_bag_configs
 
 META = torch.device("meta")
@@ -138,7 +139,7 @@ class LinearArch(nn.Module):
 
     def sparse_terms(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """[B, F, T]: each feature's pooled id weights per task (features in any order)."""
-        pooled = self.embedding_bag_collection(sparse).values()  # [B, F * dim]
+        pooled = dense_input(self.embedding_bag_collection(sparse).values())  # [B, F * dim]
         return pooled.view(pooled.shape[0], -1, self.dim)[:, :, : self.num_tasks]
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.arches import MLP
+from models.precision import dense_input
 from models.registry import (ArchConfigError, ModelInputs, RecModel, check_count, check_dropout, check_layers,
                              embedding_bag_configs, register, require)
 from models.retrieval import ItemFrequency, NegativeSampler, gather_rows, gather_values
@@ -225,7 +226,7 @@ class TwoTower(RecModel):
         if self.training and self.extra_negatives:
             negative_rows = self.sampler.sample(self.extra_negatives, self.item_frequency)
             sparse = self._with_catalog_rows(sparse, negative_rows.to(item_ids.device))
-        pooled = self.sparse(sparse).to_dict()
+        pooled = {f: dense_input(v) for f, v in self.sparse(sparse).to_dict().items()}
         first = {f: v[:batch] for f, v in pooled.items()}
         temperature = self.temperature(dense.device)
         out = {"query": self.encode_query(first, dense), "candidate": self.encode_candidate(first),

@@ -14,6 +14,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, RunConfig
 from trainer.config_diff import describe, eval_conflicts
 from trainer.distributed import DistContext
+from trainer.precision import DensePrecision, embedding_collections
 from trainer.sharding import shard_model
 from trainer.train_module import TrainModule
 
@@ -52,10 +53,14 @@ def item_catalog(cfg: RunConfig, schema: Schema):
     return catalog
 
 
-def build_sharded_model(cfg: RunConfig, ctx: DistContext):
-    """(DMP-wrapped TrainModule, the unwrapped RecModel, the sharding plan, the schema)."""
+def build_sharded_model(cfg: RunConfig, ctx: DistContext, precision: DensePrecision | None = None):
+    """(DMP-wrapped TrainModule, the unwrapped RecModel, the sharding plan, the schema). The
+    TrainModule runs the dense part in `precision` (default: `precision.dense`, no loss scaling
+    state kept by the caller)."""
     rec_model, schema = build_unsharded_model(cfg)
-    model, plan = shard_model(TrainModule(rec_model), cfg, ctx.device)
+    precision = precision or DensePrecision(cfg.precision.dense, ctx.device)
+    precision.num_tables_modules = len(embedding_collections(rec_model))
+    model, plan = shard_model(TrainModule(rec_model, precision=precision), cfg, ctx.device)
     return model, rec_model, plan, schema
 
 

@@ -329,6 +329,28 @@ class OptimizerConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    """Mixed precision (see README, Precision): the dense arches' compute dtype, the tables'
+    storage dtype and the embedding all-to-all's wire dtype. Loss, metrics and the NaN guard
+    stay in fp32 whatever is chosen."""
+
+    # Autocast around the model's dense part; the pooled embeddings enter it in this dtype.
+    # fp16 adds dynamic loss scaling (GradScaler for the dense optimizer; the tables' fused
+    # optimizer gets the unscaled gradient).
+    dense: str = "fp32"
+    # Storage dtype of the FBGEMM-fused (sharded) tables; their fused optimizer rounds its
+    # updates stochastically. Data-parallel tables stay fp32.
+    embeddings: str = "fp32"
+    # TorchRec quantized comms: the dtype of the embedding all-to-all, forward and backward.
+    comms: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _one_of(self.dense, ("fp32", "bf16", "fp16"), "precision.dense")
+        _one_of(self.embeddings, ("fp32", "fp16"), "precision.embeddings")
+        _one_of(self.comms, ("fp32", "fp16", "bf16"), "precision.comms")
+
+
+@dataclass
 class TrainConfig:
     """How long to train and where the run lives."""
 
@@ -415,6 +437,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

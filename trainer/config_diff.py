@@ -15,7 +15,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.stop_at_step", "train.log_every", "train.device",
     "train.max_skipped_steps", "eval.", "logging.", "checkpoint.every_steps", "checkpoint.keep_last",
     "checkpoint.resume", "checkpoint.async_save", "checkpoint.at_end", "data.eval_path", "data.eval_batch_size",
-    "data.prefetch_factor", "data.num_workers", "sharding.",
+    "data.prefetch_factor", "data.num_workers", "sharding.", "precision.comms",
 )
 
 # What evaluation needs to read a checkpoint the way it was trained: the model and its inputs.
@@ -44,6 +44,16 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
+def _with_added_sections(saved: dict) -> dict:
+    """A config saved before a section existed reads as that section's defaults (`precision`:
+    fp32 everywhere, what every run was before it), so old checkpoints still resume."""
+    from dataclasses import asdict
+
+    from trainer.config import PrecisionConfig
+
+    return {"precision": asdict(PrecisionConfig()), **saved}
+
+
 def changed(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """Every dotted key whose value differs: {key: (saved, current)}.
 
@@ -51,7 +61,7 @@ def changed(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     saved config has, e.g. a new `data.*` option or a task's `top_k`) is not a change: the run
     was trained with that field's behaviour of the time. A whole new entry (another task, table
     or weight column) still is."""
-    a, b = flatten(saved), flatten(current)
+    a, b = flatten(_with_added_sections(saved)), flatten(current)
 
     def new_field(key: str) -> bool:
         parent = key.rsplit(".", 1)[0] + "." if "." in key else ""

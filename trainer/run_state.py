@@ -28,6 +28,7 @@ class TrainState:
     config: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)  # BestTracker state (eval.best_metric)
     skipped_steps: int = 0  # steps whose loss was NaN/Inf and whose update was dropped
+    grad_scaler: dict = field(default_factory=dict)  # fp16 loss scale (precision.dense = "fp16")
     # What the run means, kept across a change of world size: the global batch (rows per step)
     # and the steps of an epoch at that batch (the LR horizon), both from the run's first start.
     global_batch: int = 0

@@ -17,6 +17,8 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from trainer.config import ConfigError, RunConfig
+from trainer.precision import (check_precision, keep_data_parallel_fp32, qcomm_registry, set_table_dtype,
+                               table_fused_params)
 
 GPU_ONLY_TYPES = ("row_wise", "table_row_wise")
 _FUSED_OPTIMIZERS = {
@@ -37,6 +39,7 @@ def fused_params(cfg: RunConfig) -> dict:
     if cfg.optimizer.embedding_weight_decay:
         params["weight_decay"] = cfg.optimizer.embedding_weight_decay
         params["weight_decay_mode"] = WeightDecayMode.L2
+    params.update(table_fused_params(cfg.precision))
     return params
 
 
@@ -44,7 +47,8 @@ def make_sharders(cfg: RunConfig, device_type: str = "cuda") -> list:
     if device_type == "cpu" and cfg.optimizer.embedding == "adam":
         raise ConfigError("config key 'optimizer.embedding': FBGEMM's CPU kernels have no fused Adam; "
                           "use rowwise_adagrad or sgd on CPU (adam works on GPU)")
-    return [EmbeddingBagCollectionSharder(fused_params=fused_params(cfg))]
+    check_precision(cfg.precision, device_type)
+    return [EmbeddingBagCollectionSharder(fused_params=fused_params(cfg), qcomm_codecs_registry=qcomm_registry(cfg.precision))]
 
 
 def model_tables(model: nn.Module) -> dict[str, str]:
@@ -115,7 +119,9 @@ def shard_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> tuple
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     planner = make_planner(cfg, world_size, device.type, local_world_size=local_world_size, model=model)
     sharders = make_sharders(cfg, device.type)
+    set_table_dtype(model, cfg.precision.embeddings)  # the planner sizes shards in the storage dtype
     plan = planner.collective_plan(model, sharders, pg)
+    keep_data_parallel_fp32(model, plan)
     dmp = DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(pg),
@@ -162,7 +168,9 @@ def dry_run(cfg: RunConfig, model: nn.Module, world_size: int, device_type: str)
     # The estimators read device properties only through the Topology, so planning for GPUs
     # works on a machine without them.
     planner = make_planner(cfg, world_size, device_type, model=model)
-    plan = planner.plan(model, make_sharders(cfg, device_type))
+    sharders = make_sharders(cfg, device_type)
+    set_table_dtype(model, cfg.precision.embeddings)
+    plan = planner.plan(model, sharders)
     return {
         "world_size": world_size,
         "device": device_type,

@@ -24,6 +24,7 @@ from trainer.loader import make_loader, padded_batches
 from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
 from trainer.pipeline import pipelined_steps
+from trainer.precision import DensePrecision, all_to_all_dtypes, table_bytes
 from trainer.run_state import TrainState, capture_rng, restore_rng, seed_everything
 from trainer.sharding import format_plan_rows, plan_rows
 from trainer.train_module import NonFiniteLoss, train_stats
@@ -41,7 +42,9 @@ class Trainer:
         # Found now, not at the first save hours from now (every rank checks; all agree).
         check_writable(cfg.checkpoint_dir)
         check_writable(cfg.train.run_dir)
-        self.model, self.rec_model, self.plan, self.schema = build_sharded_model(cfg, self.ctx)
+        self.precision = DensePrecision(cfg.precision.dense, self.ctx.device)
+        self.model, self.rec_model, self.plan, self.schema = build_sharded_model(cfg, self.ctx, self.precision)
+        self.precision_report = {"table_bytes": table_bytes(self.model), "all_to_all": all_to_all_dtypes(self.model)}
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.train_stream = build_stream(cfg, self.schema, self.ctx, cfg.data.train_path, train=True)
         self.evaluator = (build_evaluator(cfg, self.rec_model, self.schema, self.ctx, cfg.data.eval_path)
@@ -78,6 +81,7 @@ class Trainer:
         self.state.data = all_gather_objects(self.train_stream.state_dict())
         self.state.rng = all_gather_objects(capture_rng())
         self.state.best = self.best.state_dict() if self.best else {}
+        self.state.grad_scaler = self.precision.state_dict()
         state = self.app_state()
         state["train_state"] = self.state.to_json()
         path = self.checkpointer.save(self.state.step, state, keep=self._best_checkpoint())
@@ -115,6 +119,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optim"])
         self.state.step, self.state.epoch = saved.step, saved.epoch
         self.state.skipped_steps = saved.skipped_steps
+        self.precision.load_state_dict(saved.grad_scaler)
         self.rank_samples = saved.samples if self.ctx.is_main else 0
         if self.best:
             self.best.load_state_dict(saved.best)
@@ -188,7 +193,8 @@ class Trainer:
         self.logger.close()
         samples = sum(all_gather_objects(self.rank_samples))
         result = {"step": self.state.step, "samples_trained": samples, "stopped": stopped,
-                  "early_stopped": self._early_stopped(), "skipped_steps": self.state.skipped_steps, **final_metrics}
+                  "early_stopped": self._early_stopped(), "skipped_steps": self.state.skipped_steps,
+                  "precision": {**self.precision_report, **self.precision.summary()}, **final_metrics}
         if self.best and self.best.state.value is not None:
             best_ckpt = self._best_checkpoint()
             result["best"] = {"metric": self.best.metric, "value": self.best.state.value,
@@ -251,9 +257,10 @@ class Trainer:
         """(batch, task losses [T], the model's train stats) per optimizer step. GPU: TrainPipelineSparseDist overlaps the input
         all-to-all of batch i+1 with batch i's compute. CPU: a plain loop."""
         # Skipping a non-finite step needs the forward apart from the backward: the plain loop.
-        # A model with a lookup the pipeline cannot prefetch (sampled negatives) runs the plain loop too.
+        # A model with a lookup the pipeline cannot prefetch (sampled negatives) runs the plain loop too,
+        # and so does fp16 (the pipeline's own backward and step know no GradScaler).
         if (self.ctx.device.type == "cuda" and self.cfg.train.non_finite_loss == "error"
-                and getattr(self.rec_model, "pipelineable", True)):
+                and getattr(self.rec_model, "pipelineable", True) and self.precision.scaler is None):
             boundaries = [n for n in (self.cfg.eval.every_steps, self.cfg.checkpoint.every_steps) if n]
             yield from pipelined_steps(self.model, self.optimizer, self.ctx.device, batches, self.state.step,
                                        boundaries, self.cfg.train.stop_at_step,
@@ -268,8 +275,8 @@ class Trainer:
                 self._skip_non_finite(e)
                 yield batch, None, {}
                 continue
-            loss.backward()
-            self.optimizer.step()
+            self.precision.backward(loss)  # scaled under fp16
+            self.precision.step(self.optimizer)
             yield batch, task_losses, train_stats(outputs)
 
     def _skip_non_finite(self, error: NonFiniteLoss) -> None:
@@ -339,8 +346,11 @@ class Trainer:
     def _describe(self) -> None:
         text = format_plan_rows(plan_rows(self.plan))
         self.logger.text("sharding_plan", text)
-        log.info("world size %d on %s; %d steps/epoch, %d steps in all\n%s", self.ctx.world_size,
-                 self.ctx.device, self.steps_per_epoch, self.total_steps, text)
+        p = self.cfg.precision
+        log.info("world size %d on %s; %d steps/epoch, %d steps in all; precision: dense %s, tables %s (%.2f MiB), "
+                 "all-to-all %s\n%s", self.ctx.world_size, self.ctx.device, self.steps_per_epoch, self.total_steps,
+                 p.dense, p.embeddings, self.precision_report["table_bytes"]["total"] / 2**20,
+                 self.precision_report["all_to_all"]["forward"], text)
 
     def _progress_bar(self):
         from tqdm import tqdm

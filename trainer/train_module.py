@@ -9,6 +9,7 @@ from torch import nn
 from data.batch import Batch
 from models.registry import RecModel
 from trainer.errors import RunError
+from trainer.precision import DensePrecision, output_to_fp32
 
 
 class NonFiniteLoss(RunError):
@@ -22,19 +23,23 @@ class TrainModule(nn.Module):
     training, outputs also carry the model's `train_stats` as [] tensors under "stat/<name>"
     (e.g. "stat/inbatch_accuracy", "stat/temperature" for two_tower). A retrieval model's eval
     forward has no candidates to score, so it returns a zero loss (the retrieval evaluator
-    ranks the full catalog from the "query" outputs instead). With
+    ranks the full catalog from the "query" outputs instead). The model runs under `precision`
+    (autocast for bf16/fp16; its outputs come back in fp32). With
     `guard_non_finite`, a training forward all-reduces whether the loss is finite and raises
     NonFiniteLoss on every rank before any backward, so no update (fused embedding optimizer
     included: it runs inside backward) ever sees a NaN.
     """
 
-    def __init__(self, model: RecModel, guard_non_finite: bool = True) -> None:
+    def __init__(self, model: RecModel, guard_non_finite: bool = True, precision: DensePrecision | None = None) -> None:
         super().__init__()
         self.model = model
         self.guard_non_finite = guard_non_finite
+        self.precision = precision or DensePrecision()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple]:
-        outputs = self.model(batch.dense, batch.sparse)
+        with self.precision.forward(self.training):  # autocast (bf16/fp16) for the dense part
+            outputs = self.model(batch.dense, batch.sparse)
+        outputs = output_to_fp32(outputs)  # loss, metrics and the NaN guard in fp32
         if getattr(self.model, "is_retrieval", False) and not self.training:
             task_losses = batch.weights.new_zeros(len(self.model.tasks))
             loss = task_losses.sum()

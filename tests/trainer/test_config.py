@@ -97,7 +97,8 @@ def test_criteo_config_loads():
 def test_to_dict_roundtrip_has_every_section():
     cfg = load_config(CONFIGS / "dlrm_debug.toml")
     d = cfg.to_dict()
-    assert set(d) == {"data", "model", "sharding", "optimizer", "train", "eval", "checkpoint", "logging"}
+    assert set(d) == {"data", "model", "sharding", "optimizer", "precision", "train", "eval", "checkpoint",
+                      "logging"}
     assert d["model"]["tables"][3]["features"] == ["cat_23"]
 
 
