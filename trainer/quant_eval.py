@@ -41,6 +41,16 @@ def _deltas(fp32: dict, quant: dict) -> dict:
     return out
 
 
+def check_ranking_model(cfg: RunConfig, what: str) -> None:
+    """One-line ConfigError for a retrieval model (before any checkpoint is read)."""
+    from models.registry import is_retrieval_model
+
+    if is_retrieval_model(cfg.model.name):
+        raise ConfigError(f"{what}: {cfg.model.name!r} is a retrieval model; quantized evaluation and the ranking "
+                          f"export are for ranking models (evaluate it without --quantize; export it with "
+                          f"`rectrain export retrieval`)")
+
+
 @torch.no_grad()
 def quantized_eval(cfg: RunConfig, checkpoint: str | Path, data: str, modes: list[str]) -> dict:
     """{"fp32": metrics, "<mode>": metrics, ..., "delta": {mode: quant - fp32}, "table_bytes":
@@ -56,10 +66,8 @@ def quantized_eval(cfg: RunConfig, checkpoint: str | Path, data: str, modes: lis
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("rectrain eval --quantize evaluates the unsharded model in one process (a checkpoint of "
                           "any world size loads into it); run it without torchrun / rectrain launch")
+    check_ranking_model(cfg, "rectrain eval --quantize")
     model, schema = load_cpu_model(cfg, checkpoint)
-    if getattr(model, "is_retrieval", False):
-        raise ConfigError(f"rectrain eval --quantize: {cfg.model.name!r} is a retrieval model; quantized evaluation "
-                          f"is for ranking models (evaluate it without --quantize)")
     stream = ParquetStream(data, schema, batch_size=cfg.data.eval_batch_size, rank=0, world_size=1,
                            num_workers=cfg.data.num_workers, shuffle=False)
     cpu = torch.device("cpu")

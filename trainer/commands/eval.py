@@ -67,9 +67,10 @@ def run(args) -> int:
     if not data:
         raise ConfigError("no eval data: pass --data PATH or set data.eval_path")
     if args.quantize is not None:
-        from trainer.quant_eval import parse_modes
+        from trainer.quant_eval import check_ranking_model, parse_modes
 
-        parse_modes(args.quantize)  # a bad mode is an error before the checkpoint is read
+        parse_modes(args.quantize)  # a bad mode or model is an error before the checkpoint is read
+        check_ranking_model(cfg, "rectrain eval --quantize")
         _quantized(cfg, resolve_checkpoint(args.checkpoint), data, args.out, args.quantize)
         return 0
     ckpt = resolve_checkpoint(args.checkpoint)

@@ -138,7 +138,9 @@ def export_ranking(cfg: RunConfig, checkpoint: str | Path, out: str | Path, quan
     from trainer.checkpoint import resolve_checkpoint
     from trainer.export.checkpoint_model import load_cpu_model
     from trainer.export.quantize import quantize_tables, table_bytes
+    from trainer.quant_eval import check_ranking_model
 
+    check_ranking_model(cfg, "rectrain export ranking")
     t_start = time.perf_counter()
     path = data or cfg.data.eval_path
     if not path:
@@ -147,8 +149,6 @@ def export_ranking(cfg: RunConfig, checkpoint: str | Path, out: str | Path, quan
         raise ConfigError(f"--parity-rows {parity_rows}: the gate needs at least 1 row")
     ckpt = resolve_checkpoint(checkpoint)
     model, schema = load_cpu_model(cfg, ckpt)
-    if getattr(model, "is_retrieval", False):
-        raise ConfigError(f"export ranking: {cfg.model.name!r} is a retrieval model; use `rectrain export retrieval`")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / COMPLETE).unlink(missing_ok=True)  # whatever was here is no longer a complete export
