@@ -97,18 +97,18 @@ def report_lines(result: dict, modes: list[str]) -> list[str]:
 
     fp32 = groups(result["fp32"])
     quant = {m: groups(result[m]) for m in modes}
-    head = f"{'task':<12} {'metric':<12} {'fp32':>10}" + "".join(f" {m:>10} {'delta':>9}" for m in modes)
+    head = f"{'task':<12} {'metric':<15} {'fp32':>10}" + "".join(f" {m:>10} {'delta':>9}" for m in modes)
     lines = [head]
     for task, metrics in fp32.items():
         for name, value in metrics.items():
             if name == "num_samples" or not isinstance(value, (int, float)):
                 continue
-            row = f"{task or '-':<12} {name:<12} {value:>10.5f}"
+            row = f"{task or '-':<12} {name:<15} {value:>10.5f}"
             for m in modes:
                 v = quant[m][task][name]
                 row += f" {v:>10.5f} {v - value:>+9.5f}"
             lines.append(row)
     sizes = result["table_bytes"]
-    lines.append(f"{'tables':<12} {'bytes':<12} {sizes['fp32']:>10}" +
+    lines.append(f"{'tables':<12} {'bytes':<15} {sizes['fp32']:>10}" +
                  "".join(f" {sizes[m]:>10} {result['table_ratio'][m]:>8.3f}x" for m in modes))
     return lines

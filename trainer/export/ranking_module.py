@@ -170,6 +170,15 @@ def _stage(ebc: nn.Module, features: list[str]) -> tuple[nn.Module, list[str], l
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
 
     index = {f: i for i, f in enumerate(features)}
+    needs = (("_feature_splits", "_feature_names", "_emb_modules", "_embedding_names", "_length_per_key")
+             if isinstance(ebc, QuantEBC) else ("embedding_bags", "_feature_names", "_embedding_names",
+                                                "_lengths_per_embedding"))
+    missing = [a for a in needs if not hasattr(ebc, a)]
+    if missing:  # private TorchRec layout read here; checked on TorchRec 1.8.0
+        from trainer.errors import RunError
+
+        raise RunError(f"export ranking: this TorchRec's {type(ebc).__name__} lacks {missing}, the layout the "
+                       f"exported lookups mirror; export with TorchRec 1.8")
     if isinstance(ebc, QuantEBC):
         groups, at = [], 0
         for split in ebc._feature_splits:
