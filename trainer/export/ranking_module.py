@@ -160,11 +160,6 @@ class _DensePart(nn.Module):
         return self.model.predictions(self.model(dense, self.kjt))
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
 def _stage(ebc: nn.Module, features: list[str]) -> tuple[nn.Module, list[str], list[int]]:
     """(the TorchScript-ready stage, its output keys, their dims) for one collection."""
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
