@@ -15,6 +15,9 @@ def add_parser(sub) -> None:
     ev.add_argument("--checkpoint", required=True, help="a step_<N> directory or a checkpoints directory (latest)")
     ev.add_argument("--data", default=None, help="eval data (default: data.eval_path)")
     ev.add_argument("--out", default=None, help="JSON file to write (default: <run_dir>/eval/<checkpoint>.json)")
+    ev.add_argument("--quantize", default=None, metavar="int8|int4|fp16",
+                    help="also evaluate with the embedding tables quantized row-wise after training (one process; "
+                         "several modes comma-separated): every metric next to fp32's, and the tables' bytes")
 
 
 def _evaluate_checkpoint(cfg, ckpt: Path, data: str, out: str | None) -> None:
@@ -40,6 +43,21 @@ def _evaluate_checkpoint(cfg, ckpt: Path, data: str, out: str | None) -> None:
     dist.barrier()
 
 
+def _quantized(cfg, ckpt: Path, data: str, out: str | None, modes_text: str) -> None:
+    from trainer.quant_eval import parse_modes, quantized_eval, report_lines
+
+    modes = parse_modes(modes_text)
+    result = quantized_eval(cfg, ckpt, data, modes)
+    result = {**result, "checkpoint": str(ckpt), "data": data, "world_size": 1, "quantize": modes}
+    path = Path(out) if out else Path(cfg.train.run_dir) / "eval" / f"{ckpt.name}-{'-'.join(modes)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(result)
+    path.write_text(line + "\n")
+    for text in report_lines(result, modes):
+        print(text)
+    print(line)
+
+
 def run(args) -> int:
     from trainer.checkpoint import resolve_checkpoint
     from trainer.distributed import shutdown
@@ -48,6 +66,13 @@ def run(args) -> int:
     data = args.data or cfg.data.eval_path
     if not data:
         raise ConfigError("no eval data: pass --data PATH or set data.eval_path")
+    if args.quantize is not None:
+        from trainer.quant_eval import check_ranking_model, parse_modes
+
+        parse_modes(args.quantize)  # a bad mode or model is an error before the checkpoint is read
+        check_ranking_model(cfg, "rectrain eval --quantize")
+        _quantized(cfg, resolve_checkpoint(args.checkpoint), data, args.out, args.quantize)
+        return 0
     ckpt = resolve_checkpoint(args.checkpoint)
     try:
         _evaluate_checkpoint(cfg, ckpt, data, args.out)  # the sharded model is unreferenced after this

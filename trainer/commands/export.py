@@ -1,5 +1,7 @@
 """`rectrain export retrieval`: a two-tower checkpoint -> item vectors, a TorchScript query
-tower, FAISS indexes and its own measured recall (trainer/export/retrieval.py)."""
+tower, FAISS indexes and its own measured recall (trainer/export/retrieval.py).
+`rectrain export ranking`: a ranking checkpoint -> a TorchScript scorer (fp32 or quantized
+tables) that passed its parity gate, and manifest.json (trainer/export/ranking.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,16 @@ def add_parser(sub) -> None:
     r.add_argument("--ef-search", type=int, default=0, help="HNSW search breadth (default 64)")
     r.add_argument("--sweep", action="store_true", help="also print recall vs latency for a few nprobe / efSearch")
 
+    k = kinds.add_parser("ranking", help="ranking checkpoint -> TorchScript scorer (fp32 or int8/int4/fp16 tables) "
+                                         "gated on parity with the in-process model, plus manifest.json")
+    add_config_args(k)
+    k.add_argument("--checkpoint", required=True, help="a step_<N> directory or a checkpoints directory (latest)")
+    k.add_argument("--out", required=True, help="export directory (created; files in it are replaced)")
+    k.add_argument("--quantize", default=None, choices=("int8", "int4", "fp16"),
+                   help="quantize the embedding tables row-wise (default: fp32)")
+    k.add_argument("--data", default=None, help="rows for the parity gate (default: data.eval_path)")
+    k.add_argument("--parity-rows", type=int, default=4096, help="rows the parity gate scores (default 4096)")
+
 
 def _check_args(args) -> None:
     from trainer.errors import RunError
@@ -35,7 +47,23 @@ def _check_args(args) -> None:
         raise RunError(f"--pq-bits {args.pq_bits}: use at most 16 (8 is the usual)")
 
 
+def _ranking(args) -> int:
+    import json
+
+    from trainer.config import load_config
+    from trainer.export.ranking import export_ranking, summary_lines
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = export_ranking(cfg, args.checkpoint, args.out, args.quantize, args.data, args.parity_rows)
+    for line in summary_lines(manifest):
+        print(line)
+    print(json.dumps({k: manifest[k] for k in ("model", "checkpoint", "quantization", "sizes", "parity")}))
+    return 0
+
+
 def run(args) -> int:
+    if args.export_kind == "ranking":
+        return _ranking(args)
     from trainer.config import load_config
     from trainer.export.faiss_index import IndexParams
     from trainer.export.retrieval import export_retrieval
