@@ -58,7 +58,6 @@ above) and ``year_bucket``, the catalog holds every movie with its ``title`` and
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -66,8 +65,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
+from data.retrieval import write_splits
 from data.schema import DataError
 
 RATINGS_COLUMNS = {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()}
@@ -125,7 +124,7 @@ def convert_movielens(src: str | Path, out: str | Path, *, test_fraction: float 
         "sparse_columns": list(SPARSE_COLUMNS),
         "rules": list(RULES),
     }
-    paths = _write(out, splits, meta, row_group_rows)
+    paths = write_splits(out, splits, meta, row_group_rows)
     return {**meta, "paths": {k: str(p) for k, p in paths.items()}}
 
 
@@ -418,17 +417,6 @@ def _split_stats(table: pa.Table) -> dict:
         "rating_mean": None if empty else float(rating.mean()),
         "rating_var": None if empty else float(rating.var()),
     }
-
-
-def _write(out: Path, splits: dict[str, pa.Table], meta: dict, row_group_rows: int) -> dict[str, Path]:
-    paths = {}
-    for name, table in splits.items():
-        (out / name).mkdir(parents=True, exist_ok=True)
-        paths[name] = out / name / "part-00000.parquet"
-        pq.write_table(table, paths[name], row_group_size=row_group_rows, write_page_checksum=True)
-    paths["meta"] = out / "meta.json"
-    paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
-    return paths
 
 
 # --------------------------------------------------------------------------- retrieval task

@@ -309,14 +309,21 @@ def write_retrieval(out: str | Path, split: RetrievalSplit, items: pa.Table, ext
         "columns": {name: _columns(t) for name, t in tables.items()},
         "rules": list(RULES),
     }
+    paths = write_splits(out, tables, meta, row_group_rows)
+    return {**meta, "paths": {k: str(p) for k, p in paths.items()}}
+
+
+def write_splits(out: Path, splits: dict[str, pa.Table], meta: dict, row_group_rows: int) -> dict[str, Path]:
+    """OUT/<split>/part-00000.parquet per table (with page checksums, so a corrupt page is found
+    when read) and OUT/meta.json: the converters' one way of writing a dataset."""
     paths = {}
-    for name, table in tables.items():
+    for name, table in splits.items():
         (out / name).mkdir(parents=True, exist_ok=True)
         paths[name] = out / name / "part-00000.parquet"
         pq.write_table(table, paths[name], row_group_size=row_group_rows, write_page_checksum=True)
     paths["meta"] = out / "meta.json"
     paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
-    return {**meta, "paths": {k: str(p) for k, p in paths.items()}}
+    return paths
 
 
 def summary(meta: dict) -> dict:

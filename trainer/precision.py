@@ -22,18 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import ConfigError, PrecisionConfig
+from trainer.config import PrecisionConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 gradients of the pooled embeddings underflow below ~6e-8; TorchRec's DLRM example
 # scales them by 128 on the wire (undone on arrival). bf16 has fp32's range and needs none.
 FP16_BACKWARD_COMM_SCALE = 128.0
-
-
-def check_precision(cfg: PrecisionConfig, device_type: str) -> None:
-    """Refuse, in one line, a precision mode this device cannot run (none at present: every mode
-    has CPU kernels in FBGEMM and gloo carries fp16/bf16; see the README's table)."""
-    del cfg, device_type
 
 
 # --------------------------------------------------------------------------- dense part

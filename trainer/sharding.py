@@ -17,7 +17,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from trainer.config import ConfigError, RunConfig
-from trainer.precision import (check_precision, keep_data_parallel_fp32, qcomm_registry, set_table_dtype,
+from trainer.precision import (keep_data_parallel_fp32, qcomm_registry, set_table_dtype,
                                table_fused_params)
 
 GPU_ONLY_TYPES = ("row_wise", "table_row_wise")
@@ -47,7 +47,6 @@ def make_sharders(cfg: RunConfig, device_type: str = "cuda") -> list:
     if device_type == "cpu" and cfg.optimizer.embedding == "adam":
         raise ConfigError("config key 'optimizer.embedding': FBGEMM's CPU kernels have no fused Adam; "
                           "use rowwise_adagrad or sgd on CPU (adam works on GPU)")
-    check_precision(cfg.precision, device_type)
     return [EmbeddingBagCollectionSharder(fused_params=fused_params(cfg), qcomm_codecs_registry=qcomm_registry(cfg.precision))]
 
 
