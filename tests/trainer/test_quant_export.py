@@ -189,11 +189,19 @@ def test_export_then_score_equals_in_process_scores(runs, capsys, name, quantize
                                    ref["click"] + 0.5 * ref["like"], rtol=1e-6)
 
 
+def _exported(runs, name: str, quantize: str | None) -> Path:
+    """The complete export of `name` (the round-trip test's, or made now when run alone)."""
+    run = runs[name]
+    out = run["root"] / f"export_{name}_{quantize or 'fp32'}"
+    if not (out / "COMPLETE").is_file():
+        assert rectrain(["export", "ranking", *run["args"], "--checkpoint", str(run["checkpoint"]), "--out", str(out),
+                         *(["--quantize", quantize] if quantize else [])]) == 0
+    return out
+
+
 def test_exported_model_loads_without_torchrec(runs):
     """model.pt needs torch (and fbgemm_gpu's kernels for quantized tables), not TorchRec."""
-    out = runs["dlrm"]["root"] / "export_dlrm_int8"
-    if not out.is_dir():
-        pytest.skip("runs after the dlrm int8 round trip")
+    out = _exported(runs, "dlrm", "int8")
     code = f"""
 import sys, json
 sys.modules["torchrec"] = None  # any import of TorchRec would fail
@@ -220,10 +228,8 @@ def test_parity_gate_refuses_a_tampered_export(runs, capsys, monkeypatch, tmp_pa
 
     run = runs["dlrm"]
     out = tmp_path / "export"
-    good = run["root"] / "export_dlrm_fp32"
-    if good.is_dir():
-        shutil.copytree(good, out)
-        assert (out / "COMPLETE").is_file()
+    shutil.copytree(_exported(runs, "dlrm", None), out)
+    assert (out / "COMPLETE").is_file()
     real = ranking.build_scorer
 
     def tampered(*args, **kwargs):
@@ -247,9 +253,7 @@ def test_parity_gate_refuses_a_tampered_export(runs, capsys, monkeypatch, tmp_pa
 
 def test_score_errors_are_one_line(runs, capsys, tmp_path):
     run = runs["dlrm"]
-    export = run["root"] / "export_dlrm_fp32"
-    if not export.is_dir():
-        pytest.skip("runs after the dlrm fp32 round trip")
+    export = _exported(runs, "dlrm", None)
     cases = [
         (["--export", str(tmp_path / "none"), "--data", str(run["eval"])], "no manifest.json"),
         (["--export", str(export), "--data", str(run["eval"]), "--keep", "pred_label"], "already has a column"),
