@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from data.schema import COUNTER_NAMES
 
@@ -19,8 +20,9 @@ Extras = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
-class Batch:
-    """One mini-batch of B samples.
+class Batch(Pipelineable):
+    """One mini-batch of B samples (Pipelineable: TorchRec's TrainPipelineSparseDist moves and
+    pins it).
 
     dense:   float32 [B, num_dense]
     sparse:  KeyedJaggedTensor with one key per feature, batch size B

@@ -16,6 +16,7 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
+from torch.fx import _symbolic_trace
 
 # Active only inside TrainModule's training forward under fp16 (see embedding_grad_unscale).
 _unscaler: "_Boundary | None" = None
@@ -45,9 +46,19 @@ class _UnscaleGrad(torch.autograd.Function):
         return torch.where(finite, unscaled, torch.zeros_like(unscaled)), None
 
 
+def fx_tracing() -> bool:
+    """True while torch.fx traces the model symbolically: TorchRec's TrainPipelineSparseDist does,
+    only to find which lookups read the batch (the traced graph is never run), so steps with
+    side effects or data-dependent checks step aside then."""
+    check = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+    return check()
+
+
 def dense_input(pooled: torch.Tensor) -> torch.Tensor:
     """Pooled embeddings -> the dense arches' input (the autocast dtype under autocast, with the
     fp16 gradient unscaling described above); unchanged in fp32 training and in evaluation."""
+    if fx_tracing():
+        return pooled
     if _unscaler is not None and pooled.requires_grad:
         _unscaler.calls += 1
         pooled = _UnscaleGrad.apply(pooled, _unscaler.scale)

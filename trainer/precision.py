@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.precision import fx_tracing
+
 from trainer.config import PrecisionConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,6 +100,8 @@ class DensePrecision:
 
 def output_to_fp32(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's outputs with reduced-precision floats cast back to fp32 (loss and metrics)."""
+    if fx_tracing():  # TorchRec's pipeline traces forward only to find the lookups' inputs
+        return outputs
     return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in outputs.items()}
 
 

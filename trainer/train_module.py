@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data.batch import Batch
+from models.precision import fx_tracing
 from models.registry import RecModel
 from trainer.errors import RunError
 from trainer.precision import DensePrecision, output_to_fp32
@@ -45,7 +46,7 @@ class TrainModule(nn.Module):
             loss = task_losses.sum()
         else:
             loss, task_losses = self.model.loss(outputs, batch.labels, batch.weights)
-        if self.training and self.guard_non_finite:
+        if self.training and self.guard_non_finite and not fx_tracing():  # (a collective: not traceable)
             self._check_finite(loss, task_losses)
         detached = {k: v.detach() for k, v in outputs.items()}
         if self.training:
