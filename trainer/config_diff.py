@@ -41,7 +41,9 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+    # "data.weight_columns" also covers its entries ("data.weight_columns.cat_0"), as "eval." does.
+    return any(key == p or key.startswith(p if p.endswith(".") else p + ".") or key.startswith(p + "[")
+               for p in patterns)
 
 
 def _with_added_sections(saved: dict) -> dict:
@@ -65,9 +67,49 @@ def changed(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
 
     def new_field(key: str) -> bool:
         parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-        return key not in a and bool(parent) and any(k.startswith(parent) for k in a)
+        return (key not in a and bool(parent) and any(k.startswith(parent) for k in a)
+                and b.get(key) == field_default(key))
 
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not new_field(k)}
+
+
+_NO_DEFAULT = object()
+
+
+def field_default(key: str) -> Any:
+    """The default of the typed config field a dotted key names (`data.max_list_length`,
+    `model.tasks[0].top_k`); a sentinel for keys inside maps or untyped sections (a table's
+    sharding, a weight column, `model.arch`), which are never taken for new fields."""
+    import dataclasses
+    import re
+    import typing
+
+    from trainer.config import RunConfig
+
+    cls: Any = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        match = re.fullmatch(r"([A-Za-z_]\w*)(\[\d+\])?", part)
+        if not match or not dataclasses.is_dataclass(cls):
+            return _NO_DEFAULT
+        name, indexed = match.groups()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            return _NO_DEFAULT
+        hint = typing.get_type_hints(cls)[name]
+        if indexed:  # an entry of a list of typed sections, e.g. model.tasks[0]
+            args = typing.get_args(hint)
+            if not args:
+                return _NO_DEFAULT
+            cls = args[0]
+            continue
+        if i == len(parts) - 1:
+            f = fields[name]
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else _NO_DEFAULT
+        cls = hint
+    return _NO_DEFAULT
 
 
 def resume_conflicts(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:

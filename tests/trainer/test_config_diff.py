@@ -42,3 +42,19 @@ def test_fields_added_since_the_checkpoint_are_not_changes_but_new_entries_are()
     grown = load_config(BASE).to_dict()
     grown["data"]["weight_columns"] = {"cat_0": "w0"}
     assert "data.weight_columns" in eval_conflicts(current, grown)
+    more = load_config(BASE).to_dict()
+    more["data"]["weight_columns"] = {"cat_0": "w0", "cat_1": "w1"}
+    assert "data.weight_columns.cat_1" in eval_conflicts(grown, more)  # a new entry of a map is a change
+    # a field missing from the old config but set to something other than its default is a change
+    assert "data.max_list_length" not in changed(old, current)
+    changed_cap = load_config(BASE, ["data.max_list_length=7"]).to_dict()
+    assert "data.max_list_length" in eval_conflicts(old, changed_cap)
+
+
+def test_field_defaults_follow_the_typed_config():
+    from trainer.config_diff import _NO_DEFAULT, field_default
+
+    assert field_default("data.max_list_length") == 10_000
+    assert field_default("model.tasks[3].top_k") == [10, 50, 100]
+    assert field_default("data.weight_columns.cat_0") is _NO_DEFAULT
+    assert field_default("model.arch.low_rank") is _NO_DEFAULT

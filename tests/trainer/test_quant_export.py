@@ -242,7 +242,7 @@ def test_parity_gate_refuses_a_tampered_export(runs, capsys, monkeypatch, tmp_pa
     assert rectrain(["export", "ranking", *run["args"], "--checkpoint", str(run["checkpoint"]), "--out", str(out),
                      "--parity-rows", "1000"]) == 2
     err = _one_error(capsys)
-    assert "parity gate failed" in err and "not marked complete" in err and "tolerance 1e-06" in err, err
+    assert "parity gate failed" in err and "not marked complete" in err and "(tolerance 0)" in err, err
     assert not (out / "COMPLETE").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and not manifest["parity"]["passed"] and manifest["parity"]["rows"] == 1024
@@ -269,3 +269,23 @@ def test_score_errors_are_one_line(runs, capsys, tmp_path):
     assert rectrain(["score", "--export", str(export), "--data", str(tmp_path / "bad.parquet"),
                      "--out", str(tmp_path / "s.parquet")]) == 2
     assert "column 'cat_5'" in _one_error(capsys)
+
+
+def test_parity_gate_refuses_an_export_that_scores_nan(runs, capsys, monkeypatch, tmp_path):
+    import trainer.export.ranking as ranking
+
+    run = runs["dlrm"]
+    real = ranking.build_scorer
+
+    def poisoned(*args, **kwargs):
+        module = real(*args, **kwargs)
+        bag = getattr(getattr(module.stages, "0").bags, "0")
+        bag.weight = torch.nn.Parameter(torch.full_like(bag.weight, float("nan")), requires_grad=False)
+        return module
+
+    monkeypatch.setattr(ranking, "build_scorer", poisoned)
+    out = tmp_path / "export"
+    assert rectrain(["export", "ranking", *run["args"], "--checkpoint", str(run["checkpoint"]), "--out", str(out),
+                     "--parity-rows", "500"]) == 2
+    assert "parity gate failed" in _one_error(capsys)
+    assert not (out / "COMPLETE").exists()

@@ -10,9 +10,9 @@ OUT/
 
 The parity gate: the first `parity_rows` rows of the eval data go through the in-process model
 (the checkpoint's unsharded CPU model; for --quantize, that model with its tables quantized the
-same way) and through model.pt as loaded back from disk. Every task's predictions must agree
-within PARITY_TOLERANCE (1e-6; in practice they are bit-identical: the same kernels on the same
-inputs). For quantized exports the manifest also gives the AUC of each binary task on those rows
+same way) and through model.pt as loaded back from disk. Every task's predictions must be
+identical for an fp32 export (the same kernels on the same inputs) and agree within
+QUANTIZED_TOLERANCE (1e-6; in practice identical too) for a quantized one; a NaN fails. For quantized exports the manifest also gives the AUC of each binary task on those rows
 next to the fp32 model's, and the difference.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ FORMAT = "rectrain-ranking-export/1"
 MODEL_FILE = "model.pt"
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
-PARITY_TOLERANCE = 1e-6
+FP32_TOLERANCE = 0.0
+QUANTIZED_TOLERANCE = 1e-6
 
 
 def _step_of(checkpoint: Path) -> int | None:
@@ -112,7 +114,7 @@ def parity_check(module, reference, fp32_model, tasks, batches) -> dict:
         full = ref if fp32_model is None else fp32_model.predictions(fp32_model(batch.dense, batch.sparse))
         mask = batch.weights > 0
         for t in tasks:
-            d = (ours[t.name].float() - ref[t.name].float()).abs()
+            d = (ours[t.name].float() - ref[t.name].float()).abs().nan_to_num(nan=math.inf)  # NaN never passes
             diffs[t.name] = max(diffs[t.name], float(d[mask].max()) if mask.any() else 0.0)
         for t in binary:
             label = t.label(batch.labels)
@@ -124,8 +126,9 @@ def parity_check(module, reference, fp32_model, tasks, batches) -> dict:
         ex, fp = float(aucs["exported"][t.name].compute()), float(aucs["fp32"][t.name].compute())
         auc[t.name] = {"exported": ex, "fp32": fp, "delta": ex - fp}
     worst = max(diffs.values()) if diffs else 0.0
-    return {"rows": rows, "tolerance": PARITY_TOLERANCE, "max_abs_diff": diffs, "exact": worst == 0.0,
-            "passed": rows > 0 and worst <= PARITY_TOLERANCE, "auc": auc}
+    tolerance = FP32_TOLERANCE if fp32_model is None else QUANTIZED_TOLERANCE
+    return {"rows": rows, "tolerance": tolerance, "max_abs_diff": diffs, "exact": worst == 0.0,
+            "passed": rows > 0 and math.isfinite(worst) and worst <= tolerance, "auc": auc}
 
 
 def export_ranking(cfg: RunConfig, checkpoint: str | Path, out: str | Path, quantize: str | None = None,
@@ -193,7 +196,7 @@ def export_ranking(cfg: RunConfig, checkpoint: str | Path, out: str | Path, quan
         task, diff = max(parity["max_abs_diff"].items(), key=lambda kv: kv[1])
         raise RunError(f"export ranking: parity gate failed: {out / MODEL_FILE} differs from the in-process "
                        f"{quantize or 'fp32'} model by {diff:.3g} on task {task!r} over {parity['rows']} rows "
-                       f"(tolerance {PARITY_TOLERANCE:g}); the export is not marked complete")
+                       f"(tolerance {parity['tolerance']:g}); the export is not marked complete")
     manifest["complete"] = True
     manifest["export_seconds"] = round(time.perf_counter() - t_start, 3)
     _write_json(out / MANIFEST, manifest)
