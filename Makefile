@@ -1,4 +1,5 @@
-# One command each: `make demo` installs and runs the demo; `make test` installs and runs the tests.
+# One command each: `make demo` installs and runs the demo; `make test` installs and runs the tests;
+# `make bench` runs the CPU benchmark (README, Benchmarks).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -12,6 +13,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m trainer bench --config configs/bench_dlrm.toml --nproc 2 --steps 20 --warmup 5
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu

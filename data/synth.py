@@ -368,3 +368,29 @@ def write_two_tower(out: str | Path, rows: int, seed: int = 0, signal_seed: int 
                     "picks_per_user": list(TWO_TOWER_PICKS), "within_cluster_zipf": 1.0},
     }
     return write_retrieval(out, split, items, extra, row_group_rows)
+
+
+# --------------------------------------------------------------------------- benchmark data
+
+
+def write_bench_data(out: str | Path, rows: int, num_embeddings: int, seed: int = 0, files: int = 4,
+                     row_group_rows: int = 8192) -> list[Path]:
+    """The Criteo schema of `synthesize_table` with one id per feature (no multi-hot, no missing
+    ids), ids uniform over [0, num_embeddings) as in TorchRec's random DLRM batches; label and
+    dense columns as synthesized. What `rectrain bench` trains on (written once, reused)."""
+    _check_positive("--rows", rows)
+    table = synthesize_table(rows, seed)
+    rng = np.random.default_rng([seed, 11])
+    for i in range(NUM_SPARSE):
+        name = f"cat_{i}"
+        ids = pa.array(rng.integers(0, num_embeddings, rows, dtype=np.int64))
+        table = table.set_column(table.schema.get_field_index(name), name, ids)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(files):
+        lo, hi = rows * k // files, rows * (k + 1) // files
+        path = out / f"part-{k:05d}.parquet"
+        pq.write_table(table.slice(lo, hi - lo), path, row_group_size=row_group_rows, write_page_checksum=True)
+        paths.append(path)
+    return paths

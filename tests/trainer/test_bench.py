@@ -1,0 +1,151 @@
+"""`rectrain bench`: the JSON line's numbers are consistent (breakdown within the step, samples/s
+= steps x global batch / measured time), data-only reports both rates, and --compare-peer
+alternates runs and takes the ratio (with a fake peer: the real one is never run here). No timed
+assertions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def tiny_config(tmp_path: Path) -> Path:
+    """configs/bench_dlrm.toml shrunk: 26 tables x 1,000 x 8, batch 128."""
+    text = (ROOT / "configs" / "bench_dlrm.toml").read_text()
+    for a, b in [("runs/bench/dlrm_data", str(tmp_path / "data")), ('"runs/bench/dlrm"', f'"{tmp_path / "run"}"'),
+                 ("num_embeddings = 100000", "num_embeddings = 1000"), ("embedding_dim = 64", "embedding_dim = 8"),
+                 ("[512, 256, 64]", "[16, 8]"), ("[512, 512, 256]", "[16]"), ("batch_size = 2048", "batch_size = 128"),
+                 ("shuffle_buffer_rows = 16384", "shuffle_buffer_rows = 1024")]:
+        assert a in text
+        text = text.replace(a, b)
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def _json_line(out: str) -> dict:
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
+def test_matched_config_shape():
+    from trainer.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "bench_dlrm.toml")
+    assert len(cfg.model.tables) == 26
+    assert {(t.num_embeddings, len(t.features)) for t in cfg.model.tables} == {(100_000, 1)}
+    assert cfg.model.embedding_dim == 64 and len(cfg.data.dense_columns) == 13
+    assert cfg.data.batch_size == 2048 and cfg.optimizer.embedding == "rowwise_adagrad"
+    assert cfg.model.arch.dense_arch == [512, 256, 64] and cfg.model.arch.over_arch == [512, 512, 256]
+
+
+def test_bench_json_is_consistent(tmp_path, capsys):
+    from trainer.cli import main
+
+    steps, batch = 4, 128
+    assert main(["bench", "--config", str(tiny_config(tmp_path)), "--steps", str(steps), "--warmup", "1",
+                 "--rows", "2048"]) == 0
+    out = capsys.readouterr().out
+    r = _json_line(out)
+    assert "samples/s" in out and "gradient all-reduce" in out  # the table
+    # the data the bench wrote: one id per feature, ids inside the tables
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "data").glob("*.parquet"))])
+    assert table.num_rows == 2048 and not str(table.schema.field("cat_25").type).startswith("list")
+    assert max(table.column(f"cat_{i}").to_numpy().max() for i in range(26)) < 1000
+    assert r["steps"] == steps and r["global_batch"] == batch
+    assert r["samples_per_s"] == pytest.approx(steps * batch / r["elapsed_s"], rel=1e-9)
+    parts = r["breakdown_ms"]
+    assert set(parts) == {"data", "input_a2a", "emb_fwd", "dense_fwd", "emb_bwd", "grad_allreduce", "dense_bwd",
+                          "optimizer", "other"}
+    assert all(v >= 0 for v in parts.values())
+    assert sum(parts.values()) <= r["breakdown_step_ms"] * (1 + 1e-6) + 1e-3
+    # the forward and backward really were measured (not all left in "other")
+    assert parts["emb_fwd"] > 0 and parts["dense_fwd"] > 0 and parts["emb_bwd"] > 0 and parts["dense_bwd"] > 0
+    assert r["peak_rss_mb"][0]["main"] > 100
+
+
+def test_data_only_reports_both_rates(tmp_path, capsys):
+    from trainer.cli import main
+
+    assert main(["bench", "--config", str(tiny_config(tmp_path)), "--data-only", "--rows", "4096",
+                 "--workers", "1"]) == 0
+    r = _json_line(capsys.readouterr().out)
+    assert r["reader_rows_per_s_per_core"] > 0 and r["raw_decode_rows_per_s_per_core"] > 0
+    assert r["reader_vs_raw"] == pytest.approx(r["reader_rows_per_s_per_core"] / r["raw_decode_rows_per_s_per_core"])
+    assert set(r["workers_rows_per_s"]) == {"1"} and r["workers_rows_per_s"]["1"] > 0
+
+
+def test_parse_peer_output():
+    from trainer.bench import parse_peer_output
+
+    assert parse_peer_output("noise\npeer dlrm_main samples/s 12345\n") == 12345.0
+    with pytest.raises(ValueError):
+        parse_peer_output("Traceback ...")
+
+
+def test_compare_rounds_alternates_and_takes_the_ratio():
+    from trainer.bench import compare_rounds
+
+    calls = []
+    ours = iter([{"samples_per_s": 300.0}, {"samples_per_s": 500.0}, {"samples_per_s": 400.0}])
+    peers = iter(["peer dlrm_main samples/s 100", "peer dlrm_main samples/s 400", "peer dlrm_main samples/s 200"])
+
+    def run_ours():
+        calls.append("ours")
+        return next(ours)
+
+    def run_peer():
+        calls.append("peer")
+        return next(peers)
+
+    r = compare_rounds(run_ours, run_peer, rounds=3)
+    assert calls == ["ours", "peer"] * 3
+    assert r["ours_samples_per_s"] == [300.0, 500.0, 400.0] and r["peer_samples_per_s"] == [100.0, 400.0, 200.0]
+    assert r["ratio"] == pytest.approx(400.0 / 200.0) and r["ratio_best"] == pytest.approx(500.0 / 400.0)
+
+
+def test_compare_peer_flag_wiring(tmp_path, capsys, monkeypatch):
+    """--compare-peer: our runs and the (fake) peer's alternate; the ratio line and JSON keys."""
+    from trainer.cli import build_parser
+    from trainer.commands import bench
+
+    order = []
+    fake = {"samples_per_s": 900.0, "steps": 2, "warmup": 0, "world_size": 1, "global_batch": 8, "elapsed_s": 1.0,
+            "step_ms": 1.0, "data_wait_ms": 0.0, "breakdown_step_ms": 1.0, "breakdown_ms": {"data": 0.5},
+            "peak_rss_mb": [{"main": 1.0, "workers": 0.0}]}
+    monkeypatch.setattr(bench, "run_once", lambda args: order.append("ours") or dict(fake))
+    args = build_parser().parse_args(["bench", "--config", str(tiny_config(tmp_path)), "--compare-peer",
+                                      "--rounds", "2", "--rows", "256"])
+    assert bench.run(args, peer=lambda: order.append("peer") or "peer dlrm_main samples/s 600") == 0
+    out = capsys.readouterr().out
+    assert order == ["ours", "peer", "ours", "peer"]
+    assert "ratio ours/peer" in out and "1.500" in out
+    r = _json_line(out)
+    assert r["ratio"] == pytest.approx(1.5) and r["peer_samples_per_s"] == [600.0, 600.0]
+
+
+@pytest.mark.gpu
+def test_bench_dcnv2_on_one_gpu(tmp_path, capsys):
+    """configs/bench_dcnv2_h100.toml on one GPU (a few steps, rows and tables shrunk so the test
+    is quick): the production pipeline and the breakdown both ran on the device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from trainer.cli import main
+
+    sets = ["--set", f"data.train_path={tmp_path / 'data'}", "--set", f"train.run_dir={tmp_path / 'run'}"]
+    assert main(["bench", "--config", str(ROOT / "configs" / "bench_dcnv2_h100.toml"), "--steps", "5",
+                 "--warmup", "3", "--rows", str(1 << 17), *sets]) == 0
+    r = _json_line(capsys.readouterr().out)
+    assert r["device"].startswith("cuda") and r["precision"] == {"dense": "bf16", "embeddings": "fp16"}
+    assert r["samples_per_s"] == pytest.approx(r["steps"] * r["global_batch"] / r["elapsed_s"])
+    parts = r["breakdown_ms"]
+    assert all(v >= 0 for v in parts.values()) and parts["emb_fwd"] > 0
+    assert sum(parts.values()) <= r["breakdown_step_ms"] * (1 + 1e-6) + 1e-3

@@ -1,0 +1,501 @@
+"""`rectrain bench`: end-to-end training throughput, where a step's time goes, peak memory, and
+the reader's speed against raw pyarrow decode. See README, Benchmarks.
+
+One worker (a rank) builds the model, optimizer and Parquet stream exactly as `rectrain train`
+does (the Trainer's constructor) and runs two timed phases after `warmup` untimed steps:
+
+* throughput: `steps` production steps (`Trainer._steps`: the plain loop on CPU,
+  TrainPipelineSparseDist on GPU), timed as a whole; the only instrumentation is a clock read
+  around `next(batches)` (data wait). This gives `samples_per_s`.
+* breakdown: `steps` more steps of the plain loop with stage timers. On CPU, nothing is
+  asynchronous except gloo's collectives, which the timers wait for where they are started;
+  on GPU every timer boundary synchronises the device. The stages are exclusive wall time:
+  data (waiting for the next batch), input all-to-all (the sharded modules' `input_dist` and
+  its waits), embedding forward (lookup + pooled-embedding all-to-all), dense forward (the rest
+  of forward: MLPs, interaction, loss, the NaN-guard all-reduce), embedding backward (from the
+  gradient reaching the pooled embeddings to the end of the lookup kernels' backward, which also
+  applies the fused row-wise update; all-reduce time inside it removed), gradient all-reduce
+  (DDP's buckets, run synchronously by a comm hook in this phase), dense backward (the rest of
+  backward), optimizer (LR schedule, zero_grad, clipping, dense step). `other` is the rest of
+  the step (Python glue, cursor bookkeeping).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Iterator
+
+STAGES = ("data", "input_a2a", "emb_fwd", "dense_fwd", "emb_bwd", "grad_allreduce", "dense_bwd", "optimizer")
+STAGE_TITLES = {
+    "data": "data (reader + batch build wait)",
+    "input_a2a": "input all-to-all",
+    "emb_fwd": "embedding forward (lookup + output a2a)",
+    "dense_fwd": "dense forward (+ loss)",
+    "emb_bwd": "embedding backward + fused update",
+    "grad_allreduce": "gradient all-reduce",
+    "dense_bwd": "dense backward",
+    "optimizer": "optimizer (dense)",
+    "other": "other",
+}
+BENCH_META = "bench_meta.json"
+PEER_LINE = re.compile(r"peer dlrm_main samples/s\s+([0-9.eE+]+)")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def ensure_bench_data(path: str | Path, rows: int, num_embeddings: int) -> bool:
+    """Write the bench's synthetic Parquet under `path` unless it is there with the same shape;
+    True when written."""
+    from data.synth import write_bench_data
+
+    path = Path(path)
+    meta = {"rows": rows, "num_embeddings": num_embeddings, "ids_per_feature": 1}
+    marker = path / BENCH_META
+    if marker.is_file() and json.loads(marker.read_text()) == meta:
+        return False
+    for old in path.glob("part-*.parquet"):
+        old.unlink()
+    write_bench_data(path, rows, num_embeddings)
+    marker.write_text(json.dumps(meta) + "\n")
+    return True
+
+
+def bench_num_embeddings(cfg) -> int:
+    return max(t.num_embeddings for t in cfg.model.tables)
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+class _Clock:
+    """Wall clock; on GPU, `now()` synchronises the device first (bench breakdown only)."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self._sync = torch.cuda.synchronize if self.cuda else None
+
+    def now(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return time.perf_counter()
+
+
+class _Done:
+    """An awaitable whose value is already there (the timed input_dist waited for it)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def wait(self):
+        return self.value
+
+
+class StageTimer:
+    """Accumulates exclusive stage times of the breakdown phase; installs the hooks."""
+
+    def __init__(self, model, device, profile: bool = False) -> None:
+        self.clock = _Clock(device)
+        self.totals = {s: 0.0 for s in STAGES}
+        self.active = False
+        self.profile = profile
+        self._emb_start: float | None = None
+        self._emb_end: float | None = None
+        self._allreduce: list[tuple[float, float]] = []
+        self._install(model)
+
+    # -- hooks
+    def _install(self, model) -> None:
+        from torchrec.distributed.types import ShardedModule
+
+        self.sharded = [m for m in model.modules() if isinstance(m, ShardedModule)]
+        for m in self.sharded:
+            m.input_dist = self._timed_input_dist(m.input_dist)
+            m.compute_and_output_dist = self._timed_compute(m.compute_and_output_dist)
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.ddp = [m for m in model.modules() if isinstance(m, DistributedDataParallel)]
+        for m in self.ddp:
+            m.register_comm_hook(None, self._comm_hook)
+
+    def _range(self, name: str):
+        if not self.profile:
+            return nullcontext()
+        from torch.autograd.profiler import record_function
+
+        return record_function(f"## bench {name} ##")
+
+    def _timed_input_dist(self, original: Callable):
+        def input_dist(ctx, *args, **kwargs):
+            if not self.active:
+                return original(ctx, *args, **kwargs)
+            with self._range("input_a2a"):
+                t0 = self.clock.now()
+                value = original(ctx, *args, **kwargs).wait().wait()
+                self.totals["input_a2a"] += self.clock.now() - t0
+            return _Done(_Done(value))
+        return input_dist
+
+    def _timed_compute(self, original: Callable):
+        def compute_and_output_dist(ctx, dist_input):
+            if not self.active:
+                return original(ctx, dist_input)
+            with self._range("emb_fwd"):
+                t0 = self.clock.now()
+                out = original(ctx, dist_input)
+                out = out.wait() if hasattr(out, "wait") else out
+                self.totals["emb_fwd"] += self.clock.now() - t0
+            self._watch_backward(out)
+            return out
+        return compute_and_output_dist
+
+    def _watch_backward(self, out) -> None:
+        """Stamp when the gradient reaches the pooled embeddings and when the last node behind
+        them (the lookup kernels' backward, which applies the fused update) has run."""
+        values = out.values() if hasattr(out, "values") and callable(out.values) else out
+        node = getattr(values, "grad_fn", None)
+        if node is None:
+            return
+
+        def start(*_):
+            t = self.clock.now()
+            self._emb_start = t if self._emb_start is None else min(self._emb_start, t)
+
+        def end(*_):
+            t = self.clock.now()
+            self._emb_end = t if self._emb_end is None else max(self._emb_end, t)
+
+        node.register_prehook(start)
+        seen, todo, last = set(), [node], []
+        while todo:
+            n = todo.pop()
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            nexts = [f for f, _ in n.next_functions if f is not None]
+            if not nexts:
+                last.append(n)
+            todo += nexts
+        for n in last or [node]:
+            n.register_hook(end)
+
+    def _comm_hook(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        fut = default_hooks.allreduce_hook(None, bucket)
+        if not self.active:
+            return fut
+        with self._range("grad_allreduce"):
+            t0 = self.clock.now()
+            fut.wait()
+            t1 = self.clock.now()
+        self._allreduce.append((t0, t1))
+        self.totals["grad_allreduce"] += t1 - t0
+        return fut
+
+    # -- one step
+    def backward_split(self, bwd_start: float, bwd_end: float) -> None:
+        """Split one backward [bwd_start, bwd_end] into embedding / all-reduce / dense parts."""
+        reduce = sum(b - a for a, b in self._allreduce)
+        emb = 0.0
+        if self._emb_start is not None and self._emb_end is not None:
+            lo, hi = self._emb_start, self._emb_end
+            inside = sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in self._allreduce)
+            emb = max(0.0, hi - lo - inside)
+        self.totals["emb_bwd"] += emb
+        self.totals["dense_bwd"] += max(0.0, bwd_end - bwd_start - emb - reduce)
+        self._emb_start = self._emb_end = None
+        self._allreduce = []
+
+
+def _timed_batches(batches: Iterator, clock: Callable[[], float], sink: dict, key: str = "data"):
+    it = iter(batches)
+    while True:
+        t0 = clock()
+        batch = next(it, None)
+        sink[key] = sink.get(key, 0.0) + clock() - t0
+        if batch is None:
+            return
+        yield batch
+
+
+def _batches_forever(trainer) -> Iterator:
+    """The rank's batches epoch after epoch (every rank runs the same number of steps)."""
+    from trainer.distributed import all_reduce_max
+    from trainer.loader import make_loader, padded_batches
+
+    stream, epoch = trainer.train_stream, 0
+    while True:
+        stream.set_epoch(epoch)
+        steps = all_reduce_max(stream.remaining_batches(), trainer.ctx.device)
+        loader = make_loader(stream, trainer.ctx.device, trainer.cfg.data.prefetch_factor)
+        yield from padded_batches(loader, steps, stream)
+        epoch += 1
+
+
+def _take(it: Iterator, n: int) -> Iterator:
+    for _ in range(n):
+        yield next(it)
+
+
+def peak_rss_mb() -> dict:
+    """This process's peak RSS and its DataLoader workers' (VmHWM), MiB."""
+    from trainer.commands.launch import child_pids
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    workers = 0.0
+    for pid in child_pids(os.getpid()):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    workers += int(line.split()[1]) / 1024.0
+        except OSError:
+            continue
+    return {"main": round(own, 1), "workers": round(workers, 1)}
+
+
+def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None) -> dict | None:
+    """Run the bench on this rank; the result on rank 0 (None elsewhere)."""
+    import torch
+
+    from trainer.distributed import all_gather_objects
+    from trainer.train import Trainer
+
+    trainer = Trainer(cfg)
+    ctx = trainer.ctx
+    timer = StageTimer(trainer.model, ctx.device, profile=bool(profile_dir))
+    trainer.model.train()
+    source = _batches_forever(trainer)
+    global_batch = cfg.data.batch_size * ctx.world_size
+
+    # warm-up (untimed): allocations, first collectives, the DataLoader's first prefetches
+    for _ in trainer._steps(_take(source, warmup)):
+        pass
+
+    # phase 1: throughput, production loop
+    clock = _Clock(ctx.device)
+    waits: dict = {}
+    _barrier(ctx)
+    t0 = clock.now()
+    n = sum(1 for _ in trainer._steps(_timed_batches(_take(source, steps), time.perf_counter, waits)))
+    elapsed = clock.now() - t0
+    _barrier(ctx)
+
+    # phase 2: breakdown, instrumented plain loop
+    prof = _profiler(profile_dir, ctx.rank) if profile_dir else nullcontext()
+    timer.active = True
+    step_total = 0.0
+    with prof as p:
+        feed = _timed_batches(_take(source, steps), timer.clock.now, timer.totals)
+        for _ in range(steps):
+            s0 = timer.clock.now()
+            with timer._range("data"):
+                batch = next(feed)
+                if ctx.device.type == "cuda":  # the host-to-device copy counts as data
+                    d0 = timer.clock.now()
+                    batch = batch.to(ctx.device, non_blocking=True)
+                    timer.totals["data"] += timer.clock.now() - d0
+            with timer._range("optimizer"):
+                o0 = timer.clock.now()
+                trainer.schedule.apply(trainer.state.step)
+                trainer.optimizer.zero_grad()
+                opt = timer.clock.now() - o0
+            inner = timer.totals["input_a2a"] + timer.totals["emb_fwd"]
+            f0 = timer.clock.now()
+            with timer._range("forward"):
+                loss, _ = trainer.model(batch)
+            f1 = timer.clock.now()
+            with timer._range("backward"):
+                trainer.precision.backward(loss)
+            b1 = timer.clock.now()
+            with timer._range("optimizer"):
+                trainer.precision.step(trainer.optimizer)
+            s1 = timer.clock.now()
+            timer.totals["optimizer"] += opt + (s1 - b1)
+            inner = timer.totals["input_a2a"] + timer.totals["emb_fwd"] - inner
+            timer.totals["dense_fwd"] += max(0.0, (f1 - f0) - inner)
+            timer.backward_split(f1, b1)
+            step_total += s1 - s0
+            if p is not None and hasattr(p, "step"):
+                p.step()
+    timer.active = False
+    rss = all_gather_objects(peak_rss_mb())
+    per_step = {k: v / steps * 1000.0 for k, v in timer.totals.items()}
+    step_ms = step_total / steps * 1000.0
+    per_step["other"] = max(0.0, step_ms - sum(per_step.values()))
+    result = {
+        "samples_per_s": global_batch * n / elapsed,
+        "steps": n, "warmup": warmup, "world_size": ctx.world_size, "global_batch": global_batch,
+        "elapsed_s": elapsed, "step_ms": elapsed / n * 1000.0,
+        "data_wait_ms": waits.get("data", 0.0) / n * 1000.0,
+        "breakdown_step_ms": step_ms,
+        "breakdown_ms": {k: round(v, 3) for k, v in per_step.items()},
+        "peak_rss_mb": rss,
+        "device": str(ctx.device), "torch_threads": torch.get_num_threads(),
+        "num_workers": cfg.data.num_workers,
+        "precision": {"dense": cfg.precision.dense, "embeddings": cfg.precision.embeddings},
+    }
+    if profile_dir:
+        result["profile_dir"] = str(profile_dir)
+    trainer.logger.close()
+    return result if ctx.is_main else None
+
+
+def _barrier(ctx) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and ctx.world_size > 1:
+        dist.barrier()
+
+
+def _profiler(directory: str, rank: int):
+    import torch
+    from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities, on_trace_ready=tensorboard_trace_handler(directory, worker_name=f"rank{rank}"),
+                   record_shapes=False, with_stack=False)
+
+
+# ------------------------------------------------------------------------------------ peer
+
+
+def parse_peer_output(text: str) -> float:
+    """samples/s from peer_dlrm.sh's line "peer dlrm_main samples/s N"."""
+    found = PEER_LINE.findall(text)
+    if not found:
+        raise ValueError(f"no 'peer dlrm_main samples/s N' line in the peer's output: {text.strip()[-200:]!r}")
+    return float(found[-1])
+
+
+def compare_rounds(run_ours: Callable[[], dict], run_peer: Callable[[], str], rounds: int,
+                   parse: Callable[[str], float] = parse_peer_output) -> dict:
+    """ours, peer, ours, peer, ... (`rounds` of each); the ratio of the medians (and of the bests)."""
+    ours, peer, results = [], [], []
+    for _ in range(rounds):
+        r = run_ours()
+        results.append(r)
+        ours.append(r["samples_per_s"])
+        peer.append(parse(run_peer()))
+    med = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:len(xs) // 2 + 1]) / 2
+    return {"ours_samples_per_s": ours, "peer_samples_per_s": peer, "ratio": med(ours) / med(peer),
+            "ratio_best": max(ours) / max(peer), "results": results}
+
+
+# ------------------------------------------------------------------------------------ data-only
+
+
+def _raw_decode_rows_per_s(files: list[str], columns: list[str], min_seconds: float) -> float:
+    """pq.read_table + to numpy of every column, one thread; rows/s."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, t0 = 0, time.perf_counter()
+    while True:
+        for f in files:
+            table = pq.read_table(f, columns=columns, use_threads=False)
+            for col in table.columns:
+                if pa.types.is_list(col.type):
+                    np.asarray(col.combine_chunks().flatten().to_numpy(zero_copy_only=False))
+                else:
+                    col.to_numpy()
+            rows += table.num_rows
+        if time.perf_counter() - t0 >= min_seconds:
+            return rows / (time.perf_counter() - t0)
+
+
+def _reader_rows_per_s(stream, workers: int, min_seconds: float, prefetch_factor: int = 2) -> float:
+    """Parquet -> Batch through the DataLoader with `workers` workers (0: in this process); rows/s."""
+    import torch
+
+    from trainer.loader import make_loader
+
+    rows, epoch = 0, 0
+    t0 = time.perf_counter()
+    while True:
+        stream.set_epoch(epoch)
+        for batch in make_loader(stream, torch.device("cpu"), prefetch_factor):
+            rows += batch.batch_size
+        epoch += 1
+        if time.perf_counter() - t0 >= min_seconds:
+            return rows / (time.perf_counter() - t0)
+
+
+@contextmanager
+def _one_core():
+    import pyarrow as pa
+    import torch
+
+    threads, cpus, io = torch.get_num_threads(), pa.cpu_count(), pa.io_thread_count()
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        pa.set_cpu_count(cpus)
+        pa.set_io_thread_count(io)
+
+
+def data_only(cfg, workers: list[int] | None = None, min_seconds: float = 2.0) -> dict:
+    """Reader rows/s on one core next to raw pyarrow decode of the same files and columns, and
+    the reader's rows/s with 1..N DataLoader workers."""
+    from data.parquet import ParquetStream, list_parquet_files
+    from data.schema import Schema
+    from trainer.build import build_unsharded_model
+
+    _, schema = build_unsharded_model(cfg)
+    assert isinstance(schema, Schema)
+    _, files = list_parquet_files(cfg.data.train_path)
+
+    def stream(num_workers: int) -> ParquetStream:
+        return ParquetStream(cfg.data.train_path, schema, batch_size=cfg.data.batch_size, num_workers=num_workers,
+                             shuffle=True, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows, seed=cfg.data.seed)
+
+    with _one_core():
+        raw = _raw_decode_rows_per_s(files, schema.columns, min_seconds)
+        reader = _reader_rows_per_s(stream(0), 0, min_seconds)
+    workers = workers or sorted({1, max(1, os.cpu_count() or 1)})
+    scaling = {}
+    for w in workers:
+        with _one_core():  # the main process only collects; each worker decodes on one core
+            scaling[str(w)] = _reader_rows_per_s(stream(w), w, min_seconds, cfg.data.prefetch_factor)
+    return {"reader_rows_per_s_per_core": reader, "raw_decode_rows_per_s_per_core": raw,
+            "reader_vs_raw": reader / raw, "workers_rows_per_s": scaling,
+            "files": len(files), "columns": len(schema.columns), "batch_size": cfg.data.batch_size}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def format_table(result: dict) -> str:
+    lines = [f"samples/s (global, after {result['warmup']} warm-up steps, {result['steps']} steps, "
+             f"{result['world_size']} rank(s) x batch {result['global_batch'] // result['world_size']}): "
+             f"{result['samples_per_s']:,.0f}   step {result['step_ms']:.1f} ms, data wait {result['data_wait_ms']:.1f} ms",
+             f"breakdown (instrumented steps, rank 0, ms/step; step {result['breakdown_step_ms']:.1f} ms):"]
+    step = result["breakdown_step_ms"] or 1.0
+    for key, ms in result["breakdown_ms"].items():
+        lines.append(f"  {STAGE_TITLES.get(key, key):<42} {ms:9.2f}  {100 * ms / step:5.1f}%")
+    rss = ", ".join(f"rank {r}: {m['main']:.0f} MiB (+{m['workers']:.0f} workers)"
+                    for r, m in enumerate(result["peak_rss_mb"]))
+    lines.append(f"peak RSS: {rss}")
+    return "\n".join(lines)
+
+
+def format_data_only(result: dict) -> str:
+    lines = [f"reader (Parquet -> Batch), one core: {result['reader_rows_per_s_per_core']:,.0f} rows/s",
+             f"raw pyarrow decode (read_table + to_numpy), one core: {result['raw_decode_rows_per_s_per_core']:,.0f} rows/s",
+             f"reader / raw: {result['reader_vs_raw']:.2f}"]
+    for w, r in result["workers_rows_per_s"].items():
+        lines.append(f"  data.num_workers={w}: {r:,.0f} rows/s")
+    return "\n".join(lines)
