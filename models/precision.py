@@ -26,6 +26,13 @@ class _Boundary:
     def __init__(self, scale: Callable[[], torch.Tensor]) -> None:
         self.scale = scale  # the loss scale in use when backward runs
         self.calls = 0  # pooled tensors that passed through dense_input in this forward
+        # [] float, 1.0 once a gradient into the tables held an Inf/NaN: the loss scale must back
+        # off even when every dense gradient stayed finite (GradScaler only sees those).
+        self.overflow: torch.Tensor | None = None
+
+    def note(self, finite: torch.Tensor) -> None:
+        bad = (~finite).float()
+        self.overflow = bad if self.overflow is None else torch.maximum(self.overflow, bad)
 
 
 class _UnscaleGrad(torch.autograd.Function):
@@ -34,15 +41,16 @@ class _UnscaleGrad(torch.autograd.Function):
     reaches a fused embedding optimizer."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: Callable[[], torch.Tensor]) -> torch.Tensor:
-        ctx.scale = scale
+    def forward(ctx, x: torch.Tensor, boundary: _Boundary) -> torch.Tensor:
+        ctx.boundary = boundary
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.float()
         finite = torch.isfinite(grad).all()  # no host sync: the choice stays on the device
-        unscaled = grad / ctx.scale().to(grad.device, torch.float32)
+        ctx.boundary.note(finite)
+        unscaled = grad / ctx.boundary.scale().to(grad.device, torch.float32)
         return torch.where(finite, unscaled, torch.zeros_like(unscaled)), None
 
 
@@ -61,7 +69,7 @@ def dense_input(pooled: torch.Tensor) -> torch.Tensor:
         return pooled
     if _unscaler is not None and pooled.requires_grad:
         _unscaler.calls += 1
-        pooled = _UnscaleGrad.apply(pooled, _unscaler.scale)
+        pooled = _UnscaleGrad.apply(pooled, _unscaler)
     device_type = pooled.device.type
     if torch.is_autocast_enabled(device_type):
         pooled = pooled.to(torch.get_autocast_dtype(device_type))

@@ -44,6 +44,7 @@ class DensePrecision:
         self.dtype = DTYPES[mode]
         self.scaler = torch.amp.GradScaler(self.device_type) if mode == "fp16" else None
         self.num_tables_modules = 0  # EmbeddingBagCollections whose gradient must be unscaled
+        self._boundary = None  # the last fp16 training forward's (its backward notes overflows)
 
     @contextlib.contextmanager
     def forward(self, training: bool) -> Iterator[None]:
@@ -61,6 +62,7 @@ class DensePrecision:
                 return
             with embedding_grad_unscale(self._scale) as boundary:
                 yield
+            self._boundary = boundary
             if boundary.calls < self.num_tables_modules:
                 raise RuntimeError(f"precision.dense = 'fp16': the model passed {boundary.calls} pooled-embedding "
                                    f"tensors through models.precision.dense_input for {self.num_tables_modules} "
@@ -85,6 +87,20 @@ class DensePrecision:
             else:
                 opt.step()
         self.scaler.update()
+        self._back_off_on_table_overflow()
+
+    def _back_off_on_table_overflow(self) -> None:
+        """GradScaler checks only the dense gradients; an Inf/NaN in a gradient into the tables
+        (zeroed on its way, see models/precision.py) must lower the scale too, on every rank alike,
+        or the tables would get zero gradients step after step. Stays on the device."""
+        boundary, self._boundary = self._boundary, None
+        if boundary is None or boundary.overflow is None:
+            return
+        overflow = boundary.overflow.reshape(1)
+        if dist.is_initialized():
+            dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
+        scale = self.scaler._get_scale_async()
+        self.scaler.update(new_scale=torch.where(overflow[0] > 0, scale * self.scaler.get_backoff_factor(), scale))
 
     def summary(self) -> dict:
         """{"loss_scale": the current fp16 loss scale} (nothing for fp32/bf16)."""

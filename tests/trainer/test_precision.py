@@ -106,6 +106,35 @@ def test_dense_input_unscales_the_gradient_into_the_tables_and_zeroes_an_overflo
     assert torch.equal(x.grad, torch.full((2, 3), 3.0))
 
 
+def test_an_overflow_into_the_tables_lowers_the_loss_scale_though_the_dense_gradients_are_finite():
+    from trainer.precision import DensePrecision
+
+    precision = DensePrecision("fp16", "cpu")
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)  # no overflow of its own in fp16
+    dense = torch.nn.Linear(3, 1)
+    table_rows = torch.ones(2, 3, requires_grad=True)
+    optimizer = _DenseOnly(torch.optim.SGD(dense.parameters(), lr=0.1))
+    start = precision.scaler.get_scale()
+    for overflow in (False, True):
+        with precision.forward(training=True):
+            pooled = dense_input(table_rows)
+            # the dense gradient stays finite; only the one into the tables overflows
+            loss = dense(pooled.detach().float()).sum() + (pooled.float() * (float("inf") if overflow else 1.0)).sum()
+        precision.backward(loss)
+        precision.step(optimizer)
+        if not overflow:
+            assert precision.scaler.get_scale() == start  # growth only after many clean steps
+    assert precision.scaler.get_scale() == start * precision.scaler.get_backoff_factor()
+    assert torch.isfinite(dense.weight).all()
+
+
+class _DenseOnly:
+    """The CombinedOptimizer shape DensePrecision.step walks: (name, optimizer) pairs."""
+
+    def __init__(self, opt) -> None:
+        self.optimizers = [("dense", opt)]
+
+
 @pytest.mark.parametrize(("key", "value", "fix"), [
     ("precision.dense", '"fp8"', "fp32, bf16, fp16"),
     ("precision.embeddings", '"bf16"', "fp32, fp16"),
