@@ -118,7 +118,9 @@ def shard_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> tuple
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     planner = make_planner(cfg, world_size, device.type, local_world_size=local_world_size, model=model)
     sharders = make_sharders(cfg, device.type)
-    set_table_dtype(model, cfg.precision.embeddings)  # the planner sizes shards in the storage dtype
+    # The tables' storage dtype (the sharder's kernels allocate it). The planner still sizes shards by
+    # the meta weights' fp32 element size, so its memory estimate for fp16 tables is conservative (2x).
+    set_table_dtype(model, cfg.precision.embeddings)
     plan = planner.collective_plan(model, sharders, pg)
     keep_data_parallel_fp32(model, plan)
     dmp = DistributedModelParallel(
