@@ -256,12 +256,16 @@ def write_synthetic(out: str | Path, rows: int, seed: int = 0, files: int = 1,
     """Write `rows` samples of `schema` into `files` Parquet files under `out`; returns the paths."""
     _check_positive("--rows", rows)
     _check_positive("--files", files)
-    table = synthesize_table(rows, seed, signal_seed, schema)
+    return write_files(synthesize_table(rows, seed, signal_seed, schema), out, files, row_group_rows)
+
+
+def write_files(table: pa.Table, out: str | Path, files: int, row_group_rows: int) -> list[Path]:
+    """`table` split into `files` Parquet files of near-equal rows under `out` (with page checksums)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(files):
-        lo, hi = rows * k // files, rows * (k + 1) // files
+        lo, hi = table.num_rows * k // files, table.num_rows * (k + 1) // files
         path = out / f"part-{k:05d}.parquet"
         pq.write_table(table.slice(lo, hi - lo), path, row_group_size=row_group_rows, write_page_checksum=True)
         paths.append(path)
@@ -385,12 +389,4 @@ def write_bench_data(out: str | Path, rows: int, num_embeddings: int, seed: int 
         name = f"cat_{i}"
         ids = pa.array(rng.integers(0, num_embeddings, rows, dtype=np.int64))
         table = table.set_column(table.schema.get_field_index(name), name, ids)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(files):
-        lo, hi = rows * k // files, rows * (k + 1) // files
-        path = out / f"part-{k:05d}.parquet"
-        pq.write_table(table.slice(lo, hi - lo), path, row_group_size=row_group_rows, write_page_checksum=True)
-        paths.append(path)
-    return paths
+    return write_files(table, out, files, row_group_rows)
