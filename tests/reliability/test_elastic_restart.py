@@ -101,8 +101,8 @@ def uninterrupted(tiny_data, tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("kind", ["static", "c10d"])
-@pytest.mark.parametrize("victim", [0, 1])
+# Each rendezvous backend once, each rank killed once (the four combinations cost a minute of CI).
+@pytest.mark.parametrize(("kind", "victim"), [("static", 0), ("c10d", 1)])
 def test_sigkill_of_a_worker_recovers_on_the_first_restart_bit_identically(kind, victim, uninterrupted, tiny_data,
                                                                            tmp_path):
     run = tmp_path / "run"

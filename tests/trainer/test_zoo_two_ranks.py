@@ -39,7 +39,9 @@ def _assert_learned_every_task(result: dict, min_auc: float) -> None:
             assert metrics["mse"] < metrics["label_variance"], (name, metrics)  # beats the mean
 
 
-@pytest.mark.parametrize("config", ["shared_bottom_synth.toml", "ple_synth.toml"])
+# shared_bottom is the simplest of the three (one process: test_zoo_one_process.py); MMoE and PLE
+# train on two ranks here.
+@pytest.mark.parametrize("config", ["ple_synth.toml"])
 def test_multitask_model_learns_every_task(config, multitask_data, tmp_path):
     result = _train(config, multitask_data, tmp_path)
     _assert_learned_every_task(result, 0.70)
