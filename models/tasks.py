@@ -162,7 +162,11 @@ class InBatchSoftmaxTask(Task):
     def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted mean over rows; weight-0 (padding) rows give nothing, an all-padding batch 0."""
         weights = self.row_weights(outputs, weights)
-        per_row = self.per_sample_loss(self.logits(outputs), outputs["positive_index"])
+        logits = self.logits(outputs)
+        # The step's train stats read the same logits: keep them (detached) for `stats`, keyed by
+        # the candidates tensor, so the [B, C] scoring is not done twice per step.
+        self._last_logits = (outputs["candidates"], logits.detach())
+        per_row = self.per_sample_loss(logits, outputs["positive_index"])
         return (per_row * weights).sum() / weights.sum().clamp(min=1.0)
 
     @torch.no_grad()
@@ -170,7 +174,10 @@ class InBatchSoftmaxTask(Task):
         """inbatch_accuracy: weighted share of rows whose best candidate is their positive;
         temperature: the softmax temperature (learned or fixed). Both [] tensors."""
         weights = self.row_weights(outputs, weights)
-        hit = (self.logits(outputs).argmax(dim=1) == outputs["positive_index"]).to(weights.dtype)
+        cached = getattr(self, "_last_logits", None)
+        logits = cached[1] if cached is not None and cached[0] is outputs["candidates"] else self.logits(outputs)
+        self._last_logits = None
+        hit = (logits.argmax(dim=1) == outputs["positive_index"]).to(weights.dtype)
         return {"inbatch_accuracy": (hit * weights).sum() / weights.sum().clamp(min=1.0),
                 "temperature": outputs["temperature"].detach().float()}
 
