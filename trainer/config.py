@@ -367,6 +367,10 @@ class TrainConfig:
     # it); "skip" drops the step's update, counts it, and stops once max_skipped_steps is passed.
     non_finite_loss: str = "error"
     max_skipped_steps: int = 10
+    # Keep freed memory in the process instead of returning it to the OS after every step
+    # (glibc malloc; trainer/host.py): saves a page fault per page of every large tensor, the
+    # resident memory stays at its peak instead.
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")

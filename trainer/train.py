@@ -21,6 +21,7 @@ from trainer.distributed import DistContext, all_gather_objects, all_reduce_max,
 from trainer.errors import RunError
 from trainer.evaluate import flatten_metrics, lookup_metric
 from trainer.loader import make_loader, padded_batches
+from trainer.host import keep_freed_memory
 from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
 from trainer.pipeline import pipelined_steps
@@ -39,6 +40,8 @@ class Trainer:
         self.ctx = ctx or init_distributed(cfg.train.device)
         setup_console(self.ctx.rank)
         seed_everything(cfg.train.seed)
+        if cfg.train.keep_freed_memory:
+            keep_freed_memory()
         # Found now, not at the first save hours from now (every rank checks; all agree).
         check_writable(cfg.checkpoint_dir)
         check_writable(cfg.train.run_dir)

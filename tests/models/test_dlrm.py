@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 import models
 from data.batch import padding_batch
-from models.arches import MLP, DotInteraction, SparseArch
+from models.arches import MLP, DotInteraction, SparseArch, pooled_in_order
 from models.dlrm import DLRMConfig
 from models.registry import MODELS, ModelInputs, RecModel, build_model, register
 from models.tasks import BinaryTask, RegressionTask
@@ -198,6 +198,76 @@ def test_dot_interaction_values_are_pairwise_dots():
     for i, j in itertools.combinations(range(Fn + 1), 2):  # (0,1), (0,2), ..., (F-1,F)
         expected.append((vectors[i] * vectors[j]).sum(dim=1, keepdim=True))
     torch.testing.assert_close(out, torch.cat(expected, dim=1))
+
+
+def test_dot_interaction_training_path_matches_plain_autograd():
+    """With gradients the interaction runs its own backward (one bmm through a symmetric
+    matrix); values and gradients must equal plain autograd through bmm + indexing."""
+    B, Fn, dim = 4, 6, 3
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(B, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    sparse = torch.randn(B, Fn, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    inter = DotInteraction(Fn)
+    assert torch.autograd.gradcheck(inter, (dense, sparse))
+
+    def plain(d, s):
+        stacked = torch.cat([d.unsqueeze(1), s], dim=1)
+        rows, cols = torch.triu_indices(Fn + 1, Fn + 1, offset=1)
+        return torch.cat([d, torch.bmm(stacked, stacked.transpose(1, 2))[:, rows, cols]], dim=1)
+
+    upstream = torch.randn(B, DotInteraction.output_dim(Fn, dim), generator=g, dtype=torch.float64)
+    fast_out = inter(dense, sparse)
+    fast = torch.autograd.grad(fast_out, (dense, sparse), upstream)
+    ref_out = plain(dense, sparse)
+    ref = torch.autograd.grad(ref_out, (dense, sparse), upstream)
+    torch.testing.assert_close(fast_out, ref_out)
+    for got, want in zip(fast, ref):
+        torch.testing.assert_close(got, want)
+
+
+def test_dot_interaction_under_bf16_autocast_follows_fp32():
+    B, Fn, dim = 64, 8, 16
+    g = torch.Generator().manual_seed(2)
+    dense = torch.randn(B, dim, generator=g, requires_grad=True)
+    sparse = torch.randn(B, Fn, dim, generator=g, requires_grad=True)
+    inter = DotInteraction(Fn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = inter(dense.bfloat16(), sparse.bfloat16())
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    want_out = inter(dense, sparse)
+    want = torch.autograd.grad(want_out.square().sum(), (dense, sparse))
+    torch.testing.assert_close(out.float(), want_out, rtol=0.05, atol=0.1)
+    for got, ref in zip((dense.grad, sparse.grad), want):
+        assert ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
+def _keyed(order: list[str], dims: dict[str, int], batch: int = 3) -> tuple[KeyedTensor, dict[str, torch.Tensor]]:
+    parts = {f: torch.randn(batch, dims[f], requires_grad=True) for f in order}
+    kt = KeyedTensor.from_tensor_list(order, [parts[f] for f in order])
+    return kt, parts
+
+
+def test_pooled_in_order_is_the_collections_buffer_when_ordered():
+    names = ["a", "b", "c"]
+    kt, _ = _keyed(names, dict.fromkeys(names, 4))
+    out = pooled_in_order(kt, names)
+    assert out.data_ptr() == kt.values().data_ptr() and out.shape == (3, 12)
+
+
+@pytest.mark.parametrize("dims", [{"a": 4, "b": 4, "c": 4}, {"a": 2, "b": 5, "c": 3}])
+def test_pooled_in_order_reorders_a_sharded_layout(dims):
+    """A sharded collection groups its features by sharding type and rank; the model reads them
+    in its own order, with gradients back to each feature."""
+    kt, parts = _keyed(["c", "a", "b"], dims)
+    out = pooled_in_order(kt, ["a", "b", "c"])
+    torch.testing.assert_close(out, torch.cat([parts["a"], parts["b"], parts["c"]], dim=1))
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    start = 0
+    for f in ("a", "b", "c"):
+        torch.testing.assert_close(parts[f].grad, weights[:, start:start + dims[f]])
+        start += dims[f]
 
 
 def test_mlp_layers():

@@ -1,0 +1,52 @@
+"""Process-level settings for CPU-heavy training steps.
+
+A training step allocates and frees the same large tensors every time (activations, pooled
+embeddings, all-to-all buffers: several MiB each). glibc serves blocks above its mmap threshold
+(128 KiB at first, adapting up to 32 MiB) with fresh mmap calls and returns freed heap memory
+to the OS, so each step pays page faults and the kernel zeroing pages again: on the bench
+config (bench_dlrm.toml, 2 CPU ranks) about a fifth of the step. Serving every block under
+32 MiB from the heap and keeping freed memory in the process removes that; the cost is that a
+process's resident memory stays at its peak (which `rectrain bench` reports) instead of
+shrinking between steps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value
+TRIM_THRESHOLD = 1 << 30
+TOP_PAD = 64 << 20
+
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc as the module docstring says (once per process; DataLoader workers
+    forked later inherit it). False where the C library is not glibc (macOS, musl)."""
+    global _applied
+    if _applied:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    mallopt = getattr(libc, "mallopt", None)
+    gnu = getattr(libc, "gnu_get_libc_version", None)
+    if mallopt is None or gnu is None:
+        log.debug("train.keep_freed_memory: not glibc; the allocator is left as it is")
+        return False
+    ok = all(mallopt(param, value) == 1 for param, value in
+             ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+    _applied = ok
+    return ok
