@@ -246,34 +246,99 @@ def _take(it: Iterator, n: int) -> Iterator:
         yield next(it)
 
 
+def synthetic_batches(schema, batch_size: int, device, pool: int = 8, seed: int = 0) -> Iterator:
+    """Batches made on `device` up front and cycled: one uniform id per feature over its table,
+    normal dense features, 0/1 labels, like TorchRec's random DLRM batches. Without the reader
+    and the host-to-device copy, the bench measures the model step alone."""
+    import itertools
+
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from data.batch import Batch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    made = []
+    for _ in range(pool):
+        ids = [torch.randint(0, f.num_embeddings, (batch_size,), generator=g, device=device) for f in schema.features]
+        sparse = KeyedJaggedTensor(keys=schema.feature_names, values=torch.cat(ids),
+                                   lengths=torch.ones(batch_size * len(ids), dtype=torch.int32, device=device))
+        labels = torch.randint(0, 2, (batch_size, len(schema.label_columns)), generator=g, device=device).float()
+        made.append(Batch(dense=torch.randn(batch_size, schema.num_dense, generator=g, device=device), sparse=sparse,
+                          labels=labels, weights=torch.ones(batch_size, device=device), slot=0))
+    return itertools.cycle(made)
+
+
+def _status_mb(pid: int | str, key: str) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def current_rss_mb() -> tuple[float, float]:
+    """Resident memory now (VmRSS), MiB: this process's and its DataLoader workers' summed."""
+    from trainer.commands.launch import child_pids
+
+    return _status_mb("self", "VmRSS"), sum(_status_mb(pid, "VmRSS") for pid in child_pids(os.getpid()))
+
+
+def rss_report(samples: list[tuple[int, float, float]]) -> dict:
+    """(step, main MiB, workers MiB) samples -> first/last and slopes (MiB per 1,000 steps)."""
+    main = [(x, m) for x, m, _ in samples]
+    workers = [(x, w) for x, _, w in samples]
+    return {"samples": len(samples), "every_steps": samples[0][0] if samples else 0,
+            "first_mb": samples[0][1] if samples else None, "last_mb": samples[-1][1] if samples else None,
+            "slope_mb_per_1k_steps": rss_slope(main),
+            "workers_first_mb": samples[0][2] if samples else None, "workers_last_mb": samples[-1][2] if samples else None,
+            "workers_slope_mb_per_1k_steps": rss_slope(workers)}
+
+
+def rss_slope(samples: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of (step, RSS MiB) over the second half of the samples (the first half
+    still fills allocator caches), in MiB per 1,000 steps; None with fewer than 4 samples."""
+    tail = samples[len(samples) // 2:]
+    if len(tail) < 2 or len(samples) < 4:
+        return None
+    n = len(tail)
+    mx = sum(x for x, _ in tail) / n
+    my = sum(y for _, y in tail) / n
+    var = sum((x - mx) ** 2 for x, _ in tail)
+    return 1000.0 * sum((x - mx) * (y - my) for x, y in tail) / var if var else None
+
+
 def peak_rss_mb() -> dict:
     """This process's peak RSS and its DataLoader workers' (VmHWM), MiB."""
     from trainer.commands.launch import child_pids
 
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    workers = 0.0
-    for pid in child_pids(os.getpid()):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    workers += int(line.split()[1]) / 1024.0
-        except OSError:
-            continue
+    workers = sum(_status_mb(pid, "VmHWM") for pid in child_pids(os.getpid()))
     return {"main": round(own, 1), "workers": round(workers, 1)}
 
 
-def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None) -> dict | None:
-    """Run the bench on this rank; the result on rank 0 (None elsewhere)."""
+def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, synthetic: str = "",
+               rss_every: int = 0, threads: int = 0) -> dict | None:
+    """Run the bench on this rank; the result on rank 0 (None elsewhere). `synthetic="device"`:
+    batches made on the device instead of read from Parquet. `rss_every`: sample resident memory
+    every that many throughput steps and report its slope. `threads`: intra-op threads (0: as set)."""
     import torch
 
     from trainer.distributed import all_gather_objects
     from trainer.train import Trainer
 
+    if threads:
+        torch.set_num_threads(threads)
     trainer = Trainer(cfg)
     ctx = trainer.ctx
     timer = StageTimer(trainer.model, ctx.device, profile=bool(profile_dir))
     trainer.model.train()
-    source = _batches_forever(trainer)
+    if synthetic == "device":
+        source = synthetic_batches(trainer.schema, cfg.data.batch_size, ctx.device, seed=cfg.train.seed + ctx.rank)
+    else:
+        source = _batches_forever(trainer)
     global_batch = cfg.data.batch_size * ctx.world_size
 
     # warm-up (untimed): allocations, first collectives, the DataLoader's first prefetches
@@ -284,8 +349,13 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None) -> 
     clock = _Clock(ctx.device)
     waits: dict = {}
     _barrier(ctx)
+    rss: list[tuple[int, float, float]] = []
     t0 = clock.now()
-    n = sum(1 for _ in trainer._steps(_timed_batches(_take(source, steps), time.perf_counter, waits)))
+    n = 0
+    for _ in trainer._steps(_timed_batches(_take(source, steps), time.perf_counter, waits)):
+        n += 1
+        if rss_every and n % rss_every == 0:
+            rss.append((n, *current_rss_mb()))
     elapsed = clock.now() - t0
     _barrier(ctx)
 
@@ -327,7 +397,8 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None) -> 
             if p is not None and hasattr(p, "step"):
                 p.step()
     timer.active = False
-    rss = all_gather_objects(peak_rss_mb())
+    peaks = all_gather_objects(peak_rss_mb())
+    slopes = all_gather_objects(rss_report(rss))
     per_step = {k: v / steps * 1000.0 for k, v in timer.totals.items()}
     step_ms = step_total / steps * 1000.0
     per_step["other"] = max(0.0, step_ms - sum(per_step.values()))
@@ -338,11 +409,16 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None) -> 
         "data_wait_ms": waits.get("data", 0.0) / n * 1000.0,
         "breakdown_step_ms": step_ms,
         "breakdown_ms": {k: round(v, 3) for k, v in per_step.items()},
-        "peak_rss_mb": rss,
+        "peak_rss_mb": peaks,
+        "embedding_share": round((per_step["input_a2a"] + per_step["emb_fwd"] + per_step["emb_bwd"]) / step_ms, 4)
+        if step_ms else 0.0,
+        "source": synthetic or "parquet",
         "device": str(ctx.device), "torch_threads": torch.get_num_threads(),
         "num_workers": cfg.data.num_workers,
         "precision": {"dense": cfg.precision.dense, "embeddings": cfg.precision.embeddings},
     }
+    if rss_every:
+        result["rss_over_steps"] = slopes
     if profile_dir:
         result["profile_dir"] = str(profile_dir)
     trainer.logger.close()
@@ -489,6 +565,14 @@ def format_table(result: dict) -> str:
     rss = ", ".join(f"rank {r}: {m['main']:.0f} MiB (+{m['workers']:.0f} workers)"
                     for r, m in enumerate(result["peak_rss_mb"]))
     lines.append(f"peak RSS: {rss}")
+    lines.append(f"embedding share (input a2a + lookup fwd/bwd): {100 * result.get('embedding_share', 0):.1f}% of the step; "
+                 f"batches from {result.get('source', 'parquet')}")
+    for r, m in enumerate(result.get("rss_over_steps") or []):
+        if m["slope_mb_per_1k_steps"] is not None:
+            lines.append(f"RSS over the throughput steps, rank {r}: {m['first_mb']:.0f} -> {m['last_mb']:.0f} MiB, slope "
+                         f"{m['slope_mb_per_1k_steps']:+.2f} MiB per 1,000 steps (second half of {m['samples']} "
+                         f"samples); workers {m['workers_first_mb']:.0f} -> {m['workers_last_mb']:.0f} MiB, slope "
+                         f"{m['workers_slope_mb_per_1k_steps']:+.2f}")
     return "\n".join(lines)
 
 

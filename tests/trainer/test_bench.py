@@ -39,6 +39,7 @@ def test_matched_config_shape():
     assert {(t.num_embeddings, len(t.features)) for t in cfg.model.tables} == {(100_000, 1)}
     assert cfg.model.embedding_dim == 64 and len(cfg.data.dense_columns) == 13
     assert cfg.data.batch_size == 2048 and cfg.optimizer.embedding == "rowwise_adagrad"
+    assert cfg.precision.dense == "bf16"  # the peer's fp32 is --set precision.dense=fp32
     assert cfg.model.arch.dense_arch == [512, 256, 64] and cfg.model.arch.over_arch == [512, 512, 256]
 
 
@@ -68,6 +69,56 @@ def test_bench_json_is_consistent(tmp_path, capsys):
     # the forward and backward really were measured (not all left in "other")
     assert parts["emb_fwd"] > 0 and parts["dense_fwd"] > 0 and parts["emb_bwd"] > 0 and parts["dense_bwd"] > 0
     assert r["peak_rss_mb"][0]["main"] > 100
+
+
+def test_device_batches_and_memory_samples(tmp_path, capsys):
+    """--synthetic device: batches made up front in the shape of the schema, ids inside each
+    table; --rss-every samples memory once per N throughput steps."""
+    from trainer.cli import main
+
+    steps, every = 8, 2
+    assert main(["bench", "--config", str(tiny_config(tmp_path)), "--steps", str(steps), "--warmup", "1",
+                 "--rows", "1024", "--synthetic", "device", "--rss-every", str(every)]) == 0
+    out = capsys.readouterr().out
+    r = _json_line(out)
+    assert r["source"] == "device" and "batches from device" in out
+    assert r["samples_per_s"] == pytest.approx(steps * r["global_batch"] / r["elapsed_s"], rel=1e-9)
+    mem = r["rss_over_steps"][0]
+    assert mem["samples"] == steps // every and mem["every_steps"] == every
+    assert mem["first_mb"] > 100 and mem["slope_mb_per_1k_steps"] is not None
+    shares = r["breakdown_ms"]
+    assert r["embedding_share"] == pytest.approx(
+        (shares["input_a2a"] + shares["emb_fwd"] + shares["emb_bwd"]) / r["breakdown_step_ms"], abs=2e-3)
+
+
+def test_synthetic_batches_follow_the_schema():
+    import torch
+
+    from data.schema import FeatureSpec, Schema
+    from trainer.bench import synthetic_batches
+
+    schema = Schema(label_columns=("label",), dense_columns=("d0", "d1"),
+                    features=(FeatureSpec("a", 7), FeatureSpec("b", 3)))
+    batches = synthetic_batches(schema, 16, torch.device("cpu"), pool=2)
+    first, second, third = next(batches), next(batches), next(batches)
+    assert third is first and second is not first  # a pool, cycled
+    kjt = first.sparse.to_dict()
+    assert first.dense.shape == (16, 2) and first.labels.shape == (16, 1)
+    assert set(first.labels.unique().tolist()) <= {0.0, 1.0} and first.weights.sum() == 16
+    assert kjt["a"].values().max() < 7 and kjt["b"].values().max() < 3 and kjt["a"].values().min() >= 0
+    assert (kjt["a"].lengths() == 1).all() and (kjt["b"].lengths() == 1).all()
+
+
+def test_rss_slope_is_the_least_squares_slope_of_the_second_half():
+    from trainer.bench import rss_report, rss_slope
+
+    # warming up (first half), then a steady 2 MiB per 1,000 steps
+    samples = [(100, 500.0), (200, 900.0), (300, 1000.0), (400, 1000.2), (500, 1000.4), (600, 1000.6)]
+    assert rss_slope(samples) == pytest.approx(2.0)
+    assert rss_slope(samples[:3]) is None
+    flat = rss_report([(s, m, 50.0) for s, m in samples])
+    assert flat["workers_slope_mb_per_1k_steps"] == pytest.approx(0.0)
+    assert flat["first_mb"] == 500.0 and flat["last_mb"] == 1000.6 and flat["every_steps"] == 100
 
 
 def test_data_only_reports_both_rates(tmp_path, capsys):

@@ -39,6 +39,15 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=2, help="runs of each side with --compare-peer (default 2)")
     p.add_argument("--profile", metavar="DIR", default=None,
                    help="write a torch.profiler trace of the breakdown steps (TensorBoard: tensorboard --logdir DIR)")
+    p.add_argument("--synthetic", choices=["parquet", "device"], default="parquet",
+                   help="where batches come from: the Parquet reader (default), or made on the device up front "
+                        "(no reader, no host-to-device copy: the model step alone, like TorchRec's random batches)")
+    p.add_argument("--rss-every", type=int, default=0, metavar="N",
+                   help="sample resident memory every N throughput steps and print its slope (e.g. --steps 2000 "
+                        "--rss-every 50)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads per rank (default: as set; torchrun sets 1 per rank, one process uses "
+                        "every core)")
     p.add_argument("--data-only", action="store_true",
                    help="reader rows/s per core vs raw pyarrow decode, and scaling with data.num_workers")
     p.add_argument("--workers", default="", help="--data-only: DataLoader worker counts to try, e.g. 1,2 "
@@ -53,14 +62,15 @@ def _worker_args(args) -> list[str]:
         out += ["--set", o]
     if args.profile:
         out += ["--profile", args.profile]
+    out += ["--synthetic", args.synthetic, "--rss-every", str(args.rss_every), "--threads", str(args.threads)]
     return out
 
 
 def _prepare(args):
     from trainer.bench import bench_num_embeddings, ensure_bench_data
 
-    if args.steps < 1 or args.warmup < 0:
-        raise ConfigError("rectrain bench: --steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rss_every < 0 or args.threads < 0:
+        raise ConfigError("rectrain bench: --steps must be >= 1, and --warmup, --rss-every and --threads >= 0")
     cfg = load_config(args.config, args.overrides)
     if ensure_bench_data(cfg.data.train_path, args.rows, bench_num_embeddings(cfg)):
         print(f"wrote {args.rows} synthetic rows to {cfg.data.train_path}", file=sys.stderr)
@@ -87,9 +97,13 @@ def _in_process(args) -> dict:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        return run_worker(cfg, args.steps, args.warmup, args.profile)
+        return run_worker(cfg, args.steps, args.warmup, args.profile, _source(args), args.rss_every, args.threads)
     finally:
         shutdown()
+
+
+def _source(args) -> str:
+    return "" if args.synthetic == "parquet" else args.synthetic
 
 
 def run_peer(python: str = sys.executable) -> str:
@@ -138,7 +152,7 @@ def _run_as_worker(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = run_worker(cfg, args.steps, args.warmup, args.profile)
+        result = run_worker(cfg, args.steps, args.warmup, args.profile, _source(args), args.rss_every, args.threads)
     finally:
         shutdown()
     if result is not None:
