@@ -320,10 +320,11 @@ def peak_rss_mb() -> dict:
 
 
 def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, synthetic: str = "",
-               rss_every: int = 0, threads: int = 0) -> dict | None:
+               rss_every: int = 0, threads: int = 0, breakdown_steps: int = 0) -> dict | None:
     """Run the bench on this rank; the result on rank 0 (None elsewhere). `synthetic="device"`:
     batches made on the device instead of read from Parquet. `rss_every`: sample resident memory
-    every that many throughput steps and report its slope. `threads`: intra-op threads (0: as set)."""
+    every that many throughput steps and report its slope. `threads`: intra-op threads (0: as set).
+    `breakdown_steps`: steps of the instrumented phase (0: `steps`)."""
     import torch
 
     from trainer.distributed import all_gather_objects
@@ -363,9 +364,10 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, syn
     prof = _profiler(profile_dir, ctx.rank) if profile_dir else nullcontext()
     timer.active = True
     step_total = 0.0
+    parts = breakdown_steps or steps
     with prof as p:
-        feed = _timed_batches(_take(source, steps), timer.clock.now, timer.totals)
-        for _ in range(steps):
+        feed = _timed_batches(_take(source, parts), timer.clock.now, timer.totals)
+        for _ in range(parts):
             s0 = timer.clock.now()
             with timer._range("data"):
                 batch = next(feed)
@@ -399,15 +401,15 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, syn
     timer.active = False
     peaks = all_gather_objects(peak_rss_mb())
     slopes = all_gather_objects(rss_report(rss))
-    per_step = {k: v / steps * 1000.0 for k, v in timer.totals.items()}
-    step_ms = step_total / steps * 1000.0
+    per_step = {k: v / parts * 1000.0 for k, v in timer.totals.items()}
+    step_ms = step_total / parts * 1000.0
     per_step["other"] = max(0.0, step_ms - sum(per_step.values()))
     result = {
         "samples_per_s": global_batch * n / elapsed,
         "steps": n, "warmup": warmup, "world_size": ctx.world_size, "global_batch": global_batch,
         "elapsed_s": elapsed, "step_ms": elapsed / n * 1000.0,
         "data_wait_ms": waits.get("data", 0.0) / n * 1000.0,
-        "breakdown_step_ms": step_ms,
+        "breakdown_step_ms": step_ms, "breakdown_steps": parts,
         "breakdown_ms": {k: round(v, 3) for k, v in per_step.items()},
         "peak_rss_mb": peaks,
         "embedding_share": round((per_step["input_a2a"] + per_step["emb_fwd"] + per_step["emb_bwd"]) / step_ms, 4)

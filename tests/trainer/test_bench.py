@@ -65,7 +65,7 @@ def test_bench_json_is_consistent(tmp_path, capsys):
     assert set(parts) == {"data", "input_a2a", "emb_fwd", "dense_fwd", "emb_bwd", "grad_allreduce", "dense_bwd",
                           "optimizer", "other"}
     assert all(v >= 0 for v in parts.values())
-    assert sum(parts.values()) <= r["breakdown_step_ms"] * (1 + 1e-6) + 1e-3
+    assert sum(parts.values()) <= r["breakdown_step_ms"] * (1 + 1e-6) + 5e-3  # parts are rounded to 3 decimals
     # the forward and backward really were measured (not all left in "other")
     assert parts["emb_fwd"] > 0 and parts["dense_fwd"] > 0 and parts["emb_bwd"] > 0 and parts["dense_bwd"] > 0
     assert r["peak_rss_mb"][0]["main"] > 100
@@ -182,9 +182,10 @@ def test_compare_peer_flag_wiring(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_bench_dcnv2_on_one_gpu(tmp_path, capsys):
-    """configs/bench_dcnv2_h100.toml on one GPU (a few steps, rows and tables shrunk so the test
-    is quick): the production pipeline and the breakdown both ran on the device."""
+@pytest.mark.parametrize("source", ["parquet", "device"])
+def test_bench_dcnv2_on_one_gpu(tmp_path, capsys, source):
+    """configs/bench_dcnv2_h100.toml on one GPU (a few steps): the production pipeline and the
+    breakdown both ran on the device, fed by the Parquet reader or by batches made on the GPU."""
     import torch
 
     if not torch.cuda.is_available():
@@ -193,10 +194,11 @@ def test_bench_dcnv2_on_one_gpu(tmp_path, capsys):
 
     sets = ["--set", f"data.train_path={tmp_path / 'data'}", "--set", f"train.run_dir={tmp_path / 'run'}"]
     assert main(["bench", "--config", str(ROOT / "configs" / "bench_dcnv2_h100.toml"), "--steps", "5",
-                 "--warmup", "3", "--rows", str(1 << 17), *sets]) == 0
+                 "--warmup", "3", "--rows", str(1 << 17), "--synthetic", source, *sets]) == 0
     r = _json_line(capsys.readouterr().out)
     assert r["device"].startswith("cuda") and r["precision"] == {"dense": "bf16", "embeddings": "fp16"}
+    assert r["source"] == source and 0 < r["embedding_share"] < 1
     assert r["samples_per_s"] == pytest.approx(r["steps"] * r["global_batch"] / r["elapsed_s"])
     parts = r["breakdown_ms"]
     assert all(v >= 0 for v in parts.values()) and parts["emb_fwd"] > 0
-    assert sum(parts.values()) <= r["breakdown_step_ms"] * (1 + 1e-6) + 1e-3
+    assert sum(parts.values()) <= r["breakdown_step_ms"] * (1 + 1e-6) + 5e-3  # parts are rounded to 3 decimals

@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun workers on this machine; default 1)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per phase (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--breakdown-steps", type=int, default=0, metavar="N",
+                   help="steps of the instrumented phase (default: --steps)")
     p.add_argument("--rows", type=int, default=DEFAULT_ROWS,
                    help="rows of synthetic Parquet written to data.train_path if it is missing (default 262144)")
     p.add_argument("--compare-peer", action="store_true",
@@ -62,15 +64,17 @@ def _worker_args(args) -> list[str]:
         out += ["--set", o]
     if args.profile:
         out += ["--profile", args.profile]
-    out += ["--synthetic", args.synthetic, "--rss-every", str(args.rss_every), "--threads", str(args.threads)]
+    out += ["--synthetic", args.synthetic, "--rss-every", str(args.rss_every), "--threads", str(args.threads),
+            "--breakdown-steps", str(args.breakdown_steps)]
     return out
 
 
 def _prepare(args):
     from trainer.bench import bench_num_embeddings, ensure_bench_data
 
-    if args.steps < 1 or args.warmup < 0 or args.rss_every < 0 or args.threads < 0:
-        raise ConfigError("rectrain bench: --steps must be >= 1, and --warmup, --rss-every and --threads >= 0")
+    if args.steps < 1 or min(args.warmup, args.rss_every, args.threads, args.breakdown_steps) < 0:
+        raise ConfigError("rectrain bench: --steps must be >= 1, and --warmup, --breakdown-steps, --rss-every and "
+                          "--threads >= 0")
     cfg = load_config(args.config, args.overrides)
     if ensure_bench_data(cfg.data.train_path, args.rows, bench_num_embeddings(cfg)):
         print(f"wrote {args.rows} synthetic rows to {cfg.data.train_path}", file=sys.stderr)
@@ -97,7 +101,8 @@ def _in_process(args) -> dict:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        return run_worker(cfg, args.steps, args.warmup, args.profile, _source(args), args.rss_every, args.threads)
+        return run_worker(cfg, args.steps, args.warmup, args.profile, _source(args), args.rss_every, args.threads,
+                          args.breakdown_steps)
     finally:
         shutdown()
 
@@ -152,7 +157,8 @@ def _run_as_worker(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = run_worker(cfg, args.steps, args.warmup, args.profile, _source(args), args.rss_every, args.threads)
+        result = run_worker(cfg, args.steps, args.warmup, args.profile, _source(args), args.rss_every, args.threads,
+                          args.breakdown_steps)
     finally:
         shutdown()
     if result is not None:
