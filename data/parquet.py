@@ -503,16 +503,17 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str, locate: Locate |
     values, lengths, weights = [], [], []
     stats = np.zeros((len(schema.features), len(COUNTER_NAMES)), dtype=np.int64)
     limit = schema.max_list_length
+    weighted = schema.weighted  # a scan of the features: once per batch, not per feature
     for i, feat in enumerate(schema.features):
         if feat.name in schema.absent_features:  # no column: an empty bag per row
             values.append(np.zeros(0, dtype=np.int64))
             lengths.append(np.zeros(n, dtype=np.int64))
-            if schema.weighted:
+            if weighted:
                 weights.append(np.zeros(0, dtype=np.float32))
             continue
         col = table.column(feat.name)
         ids, lens, nulls, keep = _ids_and_lengths(col)
-        w = _weights(table, feat, col, keep, len(ids), at) if feat.weight_column and schema.weighted else None
+        w = _weights(table, feat, col, keep, len(ids), at) if feat.weight_column and weighted else None
         truncated = 0
         if limit and _is_list(col.type) and len(lens) and int(lens.max()) > limit:
             over = lens > limit
@@ -535,13 +536,13 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str, locate: Locate |
         stats[i] = (neg, oor, nulls, truncated)
         values.append(mapped)
         lengths.append(lens)
-        if schema.weighted:
+        if weighted:
             weights.append(w if w is not None else np.ones(len(mapped), dtype=np.float32))
     sparse = KeyedJaggedTensor(
         keys=schema.feature_names,
         values=torch.from_numpy(np.concatenate(values)),
         lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
-        weights=torch.from_numpy(np.concatenate(weights)) if schema.weighted else None,
+        weights=torch.from_numpy(np.concatenate(weights)) if weighted else None,
     )
     return Batch(
         dense=torch.from_numpy(dense),
@@ -586,16 +587,25 @@ def _dense_values(table: pa.Table, schema: Schema) -> tuple[np.ndarray, list[np.
 
 def _finish_dense(dense: np.ndarray, missing: list[np.ndarray | None], schema: Schema) -> tuple[np.ndarray, int, int]:
     """(dense [B, schema.num_dense], null count, negatives folded by log1p)."""
+    if any(m is not None for m in missing):
+        n = dense.shape[0]
+        return finish_dense(dense, np.stack([m if m is not None else np.zeros(n, dtype=bool) for m in missing], axis=1),
+                            schema)
+    return finish_dense(dense, None, schema)
+
+
+def finish_dense(dense: np.ndarray, missing: np.ndarray | None, schema: Schema) -> tuple[np.ndarray, int, int]:
+    """`_finish_dense` with the null mask as one bool [B, len(dense_columns)] array (None: no null)."""
     n = dense.shape[0]
     if not schema.dense_columns:
         return np.zeros((n, 0), dtype=np.float32), 0, 0
-    nulls = sum(int(m.sum()) for m in missing if m is not None)
+    nulls = int(np.count_nonzero(missing)) if missing is not None else 0
     negatives = 0
     if schema.dense_transform == "log1p":
         negatives = int(np.count_nonzero(dense < 0))
         dense = np.sign(dense) * np.log1p(np.abs(dense))
     if schema.dense_missing == "indicator":
-        flags = np.stack([m if m is not None else np.zeros(n, dtype=bool) for m in missing], axis=1)
+        flags = missing if missing is not None else np.zeros((n, len(schema.dense_columns)), dtype=bool)
         dense = np.concatenate([dense, flags.astype(np.float32)], axis=1)
     return dense.astype(np.float32, copy=False), nulls, negatives
 
