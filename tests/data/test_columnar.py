@@ -1,9 +1,12 @@
 """data/columnar.py, the reader's fast path: on the same rows it yields batches equal, in every
 tensor, counter and cursor value, to the per-batch path (`table_to_batch`), and it leaves every
-window that needs an error, a dropped row or a column type it does not take to that path."""
+window that needs an error, a dropped row or a column type it does not take to that path. And
+data/batch.py's pickling: a Batch crosses a DataLoader worker's pipe as inline bytes."""
 
 from __future__ import annotations
 
+import pickle
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import data.parquet as parquet
 from data import columnar
-from data.batch import Batch
+from data.batch import Batch, _inline_state, padding_batch
 from data.parquet import ParquetStream
 from data.schema import DataError, FeatureSpec, Schema
 
@@ -320,6 +324,40 @@ def test_schemas_the_fast_path_does_not_take(dataset, counted, schema):
     fast, general = _both(dataset, schema, batch_size=6)
     _compare(fast, general)
     assert counted["fast"] == 0
+
+
+# --------------------------------------------------------------------------- pickling
+
+
+def _forking_roundtrip(batch: Batch) -> Batch:
+    return pickle.loads(ForkingPickler.dumps(batch))
+
+
+def test_batch_pickles_inline_and_rebuilds_equal(dataset):
+    for batch in list(_stream(dataset, _schema(dense_missing="indicator"), True, batch_size=7))[:3]:
+        assert _inline_state(batch) is not None
+        data = ForkingPickler.dumps(batch)
+        assert len(data) > batch.sparse.values().numel() * 8  # the bytes travel in the pickle
+        back = pickle.loads(data)
+        assert_same_batch(back, batch)
+        back.dense += 1  # writable, and not the sender's memory
+        assert not torch.equal(back.dense, batch.dense)
+    padding = padding_batch(3, ["a", "b"], 1, weighted=True, passthrough=("p",))
+    assert_same_batch(_forking_roundtrip(padding), padding)
+
+
+def test_batch_with_tensor_caches_pickles_as_usual(dataset):
+    batch = next(iter(_stream(dataset, _schema(), True)))
+    batch.sparse.to_dict()  # fills the KJT's caches, some holding tensors
+    assert _inline_state(batch) is None
+    back = _forking_roundtrip(batch)
+    assert_same_batch(back, batch)
+    keys = batch.sparse.keys()
+    assert all(torch.equal(back.sparse[k].values(), batch.sparse[k].values()) for k in keys)
+    plain = KeyedJaggedTensor(keys=["a"], values=torch.arange(3), lengths=torch.ones(3, dtype=torch.int32))
+    odd = Batch(dense=torch.zeros(4, 2).t(), sparse=plain, labels=torch.zeros(2, 1), weights=torch.ones(2))
+    assert _inline_state(odd) is None  # a transposed view
+    assert torch.equal(_forking_roundtrip(odd).dense, odd.dense)
 
 
 def test_null_slots_holding_garbage():
