@@ -3,7 +3,7 @@
 Why it exists. `table_to_batch` turns one batch into tensors column by column, with a few pyarrow
 and numpy calls per column. On Criteo-shaped data (40 columns, batches of 2,048 rows) that fixed
 cost per batch and column is larger than decoding the Parquet itself. Here each column of a
-window is read out of its Arrow buffers, put in the window's shuffled order and checked once,
+window is read out of its Arrow buffers, checked and put in the window's shuffled order once,
 and a batch is a slice of the window's arrays.
 
 When it applies. Schemas without weight columns, passthrough columns or absent features
@@ -39,25 +39,26 @@ def applies(schema: Schema) -> bool:
 
 class Columns:
     """One window's rows as numpy arrays, already in the (shuffled) order its batches take them,
-    so that a batch is a slice of each: a gather per batch from arrays of a few MiB misses the
-    cache on every id, while permuting one column at a time (a few hundred KiB) stays in it.
-    Every array is column-major: filling a row-major [n, columns] array one column at a time
-    would touch all of it once per column.
+    so that a batch is a slice of each: a batch that gathered its ids out of a window-wide array
+    would miss the cache on every id, while a window's column (a few hundred KiB) stays in cache
+    while it is permuted.
 
-    labels:  float32 [L, n]
-    dense:   float32 [D, n], nulls as 0, before the transform (`make_batch` finishes a batch's
-             rows exactly as `table_to_batch` does)
-    missing: bool [D, n] null dense values, or None when the window has none
     ids:     int64 [F, n], mapped by the id policy (feature-major, as the KJT wants them)
     valid:   bool [F, n] False where an id is null, or None when no id is null
-    flags:   (feature, counter, bool [n]) for each nonzero negative/out_of_range/null counter
+    counts:  (feature, counter, running count [n + 1]) for each nonzero negative/out_of_range/
+             null id counter: rows a..b hold counts[b] - counts[a]
+    labels:  float32 [n, L]
+    dense:   float32 [n, D], nulls as 0, before the transform (`make_batch` finishes a batch's
+             rows as `table_to_batch` does)
+    missing: bool [n, D] null dense values, kept for data.dense_missing = "indicator" only
+    nulls:   running count [n + 1] of null dense values, or None when the window has none
     """
 
-    __slots__ = ("labels", "dense", "missing", "ids", "valid", "flags")
+    __slots__ = ("ids", "valid", "counts", "labels", "dense", "missing", "nulls")
 
-    def __init__(self, labels, dense, missing, ids, valid, flags) -> None:
-        self.labels, self.dense, self.missing = labels, dense, missing
-        self.ids, self.valid, self.flags = ids, valid, flags
+    def __init__(self, ids, valid, counts, labels, dense, missing, nulls) -> None:
+        self.ids, self.valid, self.counts = ids, valid, counts
+        self.labels, self.dense, self.missing, self.nulls = labels, dense, missing, nulls
 
     @classmethod
     def convert(cls, tables: list[pa.Table], perm: np.ndarray | None, schema: Schema) -> "Columns | None":
@@ -66,10 +67,10 @@ class Columns:
         message, rows to drop, a column type this path does not take)."""
         n = sum(t.num_rows for t in tables)
         try:
-            labels, label_nulls = _float_columns(tables, schema.label_columns, n, perm)
+            labels, label_nulls = _float_columns(tables, schema.label_columns, n)
             if label_nulls is not None:
                 return None
-            dense, missing = _float_columns(tables, schema.dense_columns, n, perm)
+            dense, missing = _float_columns(tables, schema.dense_columns, n)
             if not (np.isfinite(labels).all() and np.isfinite(dense).all()):
                 return None
             for k, c in enumerate(schema.label_columns):
@@ -80,85 +81,102 @@ class Columns:
             return None
         if mapped is None:
             return None
-        return cls(labels, dense, missing, *mapped)
+        nulls = _running(missing.sum(axis=0), perm) if missing is not None else None
+        flags = None
+        if missing is not None and schema.dense_missing == "indicator":
+            flags = _rows_in_order(missing, perm)
+        # filled a column at a time (contiguous writes); batches take rows
+        return cls(*mapped, _rows_in_order(labels, perm), _rows_in_order(dense, perm), flags, nulls)
+
+
+def _rows_in_order(columns: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
+    """[columns, n] -> its rows [n, columns], in `perm` order."""
+    rows = columns.T.copy()
+    return rows if perm is None else rows.take(perm, axis=0)
+
+
+def _running(per_row: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
+    """[n + 1] running sum of `per_row` in `perm` order: a slice's total in two lookups."""
+    out = np.zeros(len(per_row) + 1, dtype=np.int64)
+    np.cumsum(per_row if perm is None else per_row.take(perm), out=out[1:])
+    return out
 
 
 def _chunks(tables: list[pa.Table], column: str) -> list[pa.Array]:
     return [chunk for t in tables for chunk in t.column(column).chunks]
 
 
-def _place(out: np.ndarray, parts: list[np.ndarray], perm: np.ndarray | None) -> None:
-    """out[:] = the concatenated parts, in `perm` order (None: as they are)."""
-    if perm is None:
-        at = 0
-        for p in parts:
-            out[at:at + len(p)] = p
-            at += len(p)
-        return
-    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    np.take(values, perm, out=out, mode="clip")  # "clip": indices are valid, and "raise" buffers `out`
-
-
-def _float_columns(tables: list[pa.Table], columns: tuple[str, ...], n: int,
-                   perm: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(float32 [len(columns), n] with nulls as 0, bool null mask or None when no null), rows in
-    `perm` order: what `_floats` / `_dense_values` give, read straight out of the Arrow buffers
-    (on a window, their per-column compute calls and copies cost more than the values)."""
+def _float_columns(tables: list[pa.Table], columns: tuple[str, ...], n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(float32 [len(columns), n] with nulls as 0, bool null mask or None when no null): what
+    `_floats` / `_dense_values` give, transposed, read straight out of the Arrow buffers (on a
+    window, their per-column compute calls and copies cost more than the values)."""
     out = np.empty((len(columns), n), dtype=np.float32)
     missing = None
     for k, c in enumerate(columns):
-        chunks = [ch if ch.type == pa.float32() else ch.cast(pa.float32()) for ch in _chunks(tables, c)]
-        _place(out[k], [_values(ch, np.float32) for ch in chunks], perm)
-        if any(ch.null_count for ch in chunks):
-            if missing is None:
-                missing = np.zeros(out.shape, dtype=bool)
-            _place(missing[k], [~_valid(ch) for ch in chunks], perm)
-            np.copyto(out[k], 0.0, where=missing[k])  # what a null slot's buffer holds is unspecified
+        at = 0
+        for chunk in _chunks(tables, c):
+            m = len(chunk)
+            if chunk.type != pa.float32():
+                chunk = chunk.cast(pa.float32())
+            out[k, at:at + m] = _values(chunk, np.float32)
+            if chunk.null_count:
+                if missing is None:
+                    missing = np.zeros(out.shape, dtype=bool)
+                missing[k, at:at + m] = ~_valid(chunk)
+            at += m
+    if missing is not None:
+        np.copyto(out, 0.0, where=missing)  # what a null slot's buffer holds is unspecified
     return out, missing
 
 
 def _ids(tables: list[pa.Table], schema: Schema, n: int, perm: np.ndarray | None) -> tuple | None:
-    """(ids int64 [F, n] mapped by the id policy, valid mask or None, counter flags), rows in
-    `perm` order, or None when these rows need `table_to_batch`: a column that is not a scalar
+    """(ids int64 [F, n] mapped by the id policy, valid mask or None, counts), rows in `perm`
+    order, or None when these rows need `table_to_batch`: a column that is not a scalar
     integer column, a uint64 id that int64 cannot hold, an id outside the table under the
     strict policy."""
     ids = np.empty((len(schema.features), n), dtype=np.int64)
-    valid, flags = None, []
+    valid, counts = None, []
+    joined = np.empty(n, dtype=np.int64) if perm is not None else None
     for k, feat in enumerate(schema.features):
         chunks = _chunks(tables, feat.name)
-        parts = []
+        row = ids[k]
+        into = row if perm is None else joined
+        at = 0
         for chunk in chunks:
+            m = len(chunk)
             if chunk.type == pa.int64():
-                parts.append(_values(chunk, np.int64))
+                into[at:at + m] = _values(chunk, np.int64)
             elif not pa.types.is_integer(chunk.type):
                 return None
-            elif chunk.type == pa.uint64() and len(chunk) and (pc.max(chunk).as_py() or 0) >= 1 << 63:
+            elif chunk.type == pa.uint64() and m and (pc.max(chunk).as_py() or 0) >= 1 << 63:
                 return None
             else:
-                parts.append(pc.fill_null(chunk, 0).to_numpy().astype(np.int64))
-        row = ids[k]
-        _place(row, parts, perm)
+                into[at:at + m] = pc.fill_null(chunk, 0).to_numpy()
+            at += m
+        masks = []  # (counter, bool [n] as read)
         if any(ch.null_count for ch in chunks):
+            ok = np.concatenate([_valid(ch) for ch in chunks])
+            # 0 is in every table's range: a null's filler adds to no counter and is never kept
+            np.copyto(into, 0, where=~ok)
+            masks.append((_NULL, ~ok))
             if valid is None:
                 valid = np.ones(ids.shape, dtype=bool)
-            _place(valid[k], [_valid(ch) for ch in chunks], perm)
-            # 0 is in every table's range: a null's filler adds to no counter and is never kept
-            np.copyto(row, 0, where=~valid[k])
-            flags.append((k, _NULL, ~valid[k]))
+            valid[k] = ok if perm is None else ok.take(perm)
         size = feat.num_embeddings
         # one pass for both bounds: a negative id viewed as uint64 is above any table size
-        if n and int(row.view(np.uint64).max()) >= size:
+        if n and int(into.view(np.uint64).max()) >= size:
             if schema.id_policy == "strict":
                 return None
-            for counter, mask in ((_NEGATIVE, row < 0), (_OUT_OF_RANGE, row >= size)):
-                if mask.any():
-                    flags.append((k, counter, mask))
+            masks += [(_NEGATIVE, into < 0), (_OUT_OF_RANGE, into >= size)]
             if schema.id_policy == "modulo":
-                np.mod(row, size, out=row)
+                np.mod(into, size, out=into)
         if schema.id_policy == "hash":
             with np.errstate(over="ignore"):
-                row[:] = (_splitmix64(row) % np.uint64(size)).astype(np.int64)
-    return ids, valid, flags
+                into[:] = (_splitmix64(into) % np.uint64(size)).astype(np.int64)
+        counts += [(k, counter, _running(mask, perm)) for counter, mask in masks if mask.any()]
+        if perm is not None:
+            joined.take(perm, out=row, mode="clip")  # "clip": indices are valid; "raise" buffers `out`
+    return ids, valid, counts
 
 
 def _values(chunk: pa.Array, dtype) -> np.ndarray:
@@ -181,12 +199,11 @@ def _valid(chunk: pa.Array) -> np.ndarray:
 Part = tuple[Columns, int, int]
 
 
-def _rows(parts: list[Part], name: str) -> np.ndarray:
-    """The batch's rows of a column-major window array, as a fresh C-contiguous [rows, columns]
-    array (a batch must not share a window's memory)."""
-    pieces = [getattr(c, name)[:, lo:hi] for c, lo, hi in parts]
-    joined = np.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
-    return joined.T.copy(order="C")
+def _rows(parts: list[Part], name: str, axis: int = 0) -> np.ndarray:
+    """The batch's rows of a window array, as a fresh array (a batch must not share a window's
+    memory)."""
+    pieces = [getattr(c, name)[lo:hi] if axis == 0 else getattr(c, name)[:, lo:hi] for c, lo, hi in parts]
+    return np.concatenate(pieces, axis=axis) if len(pieces) > 1 else pieces[0].copy()
 
 
 def make_batch(parts: list[Part], schema: Schema) -> Batch:
@@ -194,18 +211,11 @@ def make_batch(parts: list[Part], schema: Schema) -> Batch:
     makes of the same rows."""
     from data.parquet import finish_dense  # late: data.parquet imports this module
 
-    missing = None
-    if any(c.missing is not None for c, _, _ in parts):
-        missing = np.concatenate([c.missing[:, lo:hi] if c.missing is not None
-                                  else np.zeros((len(schema.dense_columns), hi - lo), dtype=bool)
-                                  for c, lo, hi in parts], axis=1).T.copy(order="C")
-    dense, null_dense, negative_dense = finish_dense(_rows(parts, "dense"), missing, schema)
-    pieces = [c.ids[:, lo:hi] for c, lo, hi in parts]
-    ids = np.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0].copy()
+    ids = _rows(parts, "ids", axis=1)
     stats = np.zeros((len(schema.features), len(COUNTER_NAMES)), dtype=np.int64)
     for c, lo, hi in parts:
-        for k, counter, mask in c.flags:
-            stats[k, counter] += np.count_nonzero(mask[lo:hi])
+        for k, counter, run in c.counts:
+            stats[k, counter] += run[hi] - run[lo]
     if any(c.valid is not None for c, _, _ in parts):
         valid = np.concatenate([c.valid[:, lo:hi] if c.valid is not None else np.ones((len(ids), hi - lo), dtype=bool)
                                 for c, lo, hi in parts], axis=1)
@@ -215,12 +225,18 @@ def make_batch(parts: list[Part], schema: Schema) -> Batch:
         values = ids.reshape(-1)
         lengths = torch.ones(values.shape[0], dtype=torch.int32)
     sparse = KeyedJaggedTensor(keys=schema.feature_names, values=torch.from_numpy(values), lengths=lengths)
+    flags = None
+    if any(c.missing is not None for c, _, _ in parts):
+        flags = np.concatenate([c.missing[lo:hi] if c.missing is not None
+                                else np.zeros((hi - lo, len(schema.dense_columns)), dtype=bool) for c, lo, hi in parts])
+    dense, _, negative_dense = finish_dense(_rows(parts, "dense"), flags, schema)
+    labels = _rows(parts, "labels")
     return Batch(
         dense=torch.from_numpy(dense),
         sparse=sparse,
-        labels=torch.from_numpy(_rows(parts, "labels")),
-        weights=torch.ones(len(dense)),
+        labels=torch.from_numpy(labels),
+        weights=torch.ones(len(labels)),
         id_stats=stats,
-        null_dense=null_dense,
+        null_dense=sum(int(c.nulls[hi] - c.nulls[lo]) for c, lo, hi in parts if c.nulls is not None),
         negative_dense=negative_dense,
     )
