@@ -13,6 +13,10 @@ permutation and skips what was consumed, so it yields exactly what an uninterrup
 Rows left out by ``data.non_finite = "drop_row"`` still count as consumed (``position`` counts
 rows read, not rows yielded), so the cursor and the number of batches do not depend on them.
 
+Conversion. Where the schema and a window's values allow it (plain scalar columns, nothing to
+refuse or drop), data/columnar.py converts the whole window at once and cuts its batches out of
+it; every other window goes batch by batch through `table_to_batch`. Both give the same batches.
+
 Bad input. Every problem is a one-line :class:`DataError` that names the file (and the column
 and the file-relative, 0-based row where one applies) and the fix. Each row of a window
 remembers its place in the epoch's row sequence, so a row-level error names the row's own file
@@ -65,6 +69,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from data import columnar
 from data.batch import Batch, padding_for
 from data.schema import COUNTER_NAMES, DataError, Schema, map_ids
 
@@ -503,16 +508,17 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str, locate: Locate |
     values, lengths, weights = [], [], []
     stats = np.zeros((len(schema.features), len(COUNTER_NAMES)), dtype=np.int64)
     limit = schema.max_list_length
+    weighted = schema.weighted  # a scan of the features: once per batch, not per feature
     for i, feat in enumerate(schema.features):
         if feat.name in schema.absent_features:  # no column: an empty bag per row
             values.append(np.zeros(0, dtype=np.int64))
             lengths.append(np.zeros(n, dtype=np.int64))
-            if schema.weighted:
+            if weighted:
                 weights.append(np.zeros(0, dtype=np.float32))
             continue
         col = table.column(feat.name)
         ids, lens, nulls, keep = _ids_and_lengths(col)
-        w = _weights(table, feat, col, keep, len(ids), at) if feat.weight_column and schema.weighted else None
+        w = _weights(table, feat, col, keep, len(ids), at) if feat.weight_column and weighted else None
         truncated = 0
         if limit and _is_list(col.type) and len(lens) and int(lens.max()) > limit:
             over = lens > limit
@@ -535,13 +541,13 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str, locate: Locate |
         stats[i] = (neg, oor, nulls, truncated)
         values.append(mapped)
         lengths.append(lens)
-        if schema.weighted:
+        if weighted:
             weights.append(w if w is not None else np.ones(len(mapped), dtype=np.float32))
     sparse = KeyedJaggedTensor(
         keys=schema.feature_names,
         values=torch.from_numpy(np.concatenate(values)),
         lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
-        weights=torch.from_numpy(np.concatenate(weights)) if schema.weighted else None,
+        weights=torch.from_numpy(np.concatenate(weights)) if weighted else None,
     )
     return Batch(
         dense=torch.from_numpy(dense),
@@ -586,16 +592,25 @@ def _dense_values(table: pa.Table, schema: Schema) -> tuple[np.ndarray, list[np.
 
 def _finish_dense(dense: np.ndarray, missing: list[np.ndarray | None], schema: Schema) -> tuple[np.ndarray, int, int]:
     """(dense [B, schema.num_dense], null count, negatives folded by log1p)."""
+    if any(m is not None for m in missing):
+        n = dense.shape[0]
+        return finish_dense(dense, np.stack([m if m is not None else np.zeros(n, dtype=bool) for m in missing], axis=1),
+                            schema)
+    return finish_dense(dense, None, schema)
+
+
+def finish_dense(dense: np.ndarray, missing: np.ndarray | None, schema: Schema) -> tuple[np.ndarray, int, int]:
+    """`_finish_dense` with the null mask as one bool [B, len(dense_columns)] array (None: no null)."""
     n = dense.shape[0]
     if not schema.dense_columns:
         return np.zeros((n, 0), dtype=np.float32), 0, 0
-    nulls = sum(int(m.sum()) for m in missing if m is not None)
+    nulls = int(np.count_nonzero(missing)) if missing is not None else 0
     negatives = 0
     if schema.dense_transform == "log1p":
         negatives = int(np.count_nonzero(dense < 0))
         dense = np.sign(dense) * np.log1p(np.abs(dense))
     if schema.dense_missing == "indicator":
-        flags = np.stack([m if m is not None else np.zeros(n, dtype=bool) for m in missing], axis=1)
+        flags = missing if missing is not None else np.zeros((n, len(schema.dense_columns)), dtype=bool)
         dense = np.concatenate([dense, flags.astype(np.float32)], axis=1)
     return dense.astype(np.float32, copy=False), nulls, negatives
 
@@ -642,6 +657,8 @@ class ParquetStream(IterableDataset):
         self.carry: list[tuple[int, int, int]] | None = None
         self._file_cache: dict[str, pq.ParquetFile] = {}
         self._rg_cache: tuple[tuple[str, int], pa.Table] | None = None
+        # False: every batch through table_to_batch (the tests compare both paths on the same rows)
+        self._columnar = True
 
     # ---- partitioning
     @property
@@ -801,8 +818,8 @@ class ParquetStream(IterableDataset):
             self._rg_cache = (key, table)
         return self._rg_cache[1]
 
-    def _read_rows(self, pieces: list[Piece], lo: int, hi: int) -> pa.Table:
-        """Rows [lo, hi) of the epoch's global row sequence."""
+    def _read_rows(self, pieces: list[Piece], lo: int, hi: int) -> list[pa.Table]:
+        """Rows [lo, hi) of the epoch's global row sequence, one table per row group."""
         parts, start = [], 0
         for piece in pieces:
             end = start + piece.num_rows
@@ -812,29 +829,26 @@ class ParquetStream(IterableDataset):
             if end >= hi:
                 break
             start = end
-        return _concat(parts)
+        return parts
 
     def _slot_rows(self, slot: int, position: int, pieces: list[Piece], num_slots: int | None = None,
-                   end: int | None = None) -> Iterator[tuple[pa.Table, np.ndarray]]:
-        """Rows [position, end) of the slot's sequence (default: to its end), window by window,
-        each window permuted; with each row's index in the epoch's row sequence (its origin, for
-        error messages). `num_slots` picks the layout (default: this one)."""
+                   end: int | None = None) -> Iterator[tuple[_Window, int, int]]:
+        """Rows [position, end) of the slot's sequence (default: to its end), window by window:
+        (window, lo, hi), the window's permuted rows [lo, hi). `num_slots` picks the layout
+        (default: this one)."""
         lo, hi = self.slot_range(slot, num_slots)
         end = hi - lo if end is None else end
         first = position // self.window
         for w in range(first, math.ceil(end / self.window)):
             a, b = lo + w * self.window, min(hi, lo + (w + 1) * self.window)
-            rows = self._read_rows(pieces, a, b)
-            origin = np.arange(a, b, dtype=np.int64)
+            perm = None
             if self.shuffle:
                 perm = np.random.default_rng([self.seed, self.epoch, slot, w]).permutation(b - a)
-                rows = rows.take(pa.array(perm))
-                origin = origin[perm]
             skip = position - w * self.window if w == first else 0
             stop = min(b - a, end - w * self.window)
-            yield rows.slice(skip, stop - skip), origin[skip:stop]
+            yield _Window(self._read_rows(pieces, a, b), a, perm), skip, stop
 
-    def _carried_rows(self, slot: int, position: int, pieces: list[Piece]) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    def _carried_rows(self, slot: int, position: int, pieces: list[Piece]) -> Iterator[tuple[_Window, int, int]]:
         """The slot's share of the carried rows from `position` on, read from the base layout."""
         lo, hi = self._carry_range(slot)
         for base_slot, a, b in self._carry_runs(lo + position, hi):
@@ -844,7 +858,8 @@ class ParquetStream(IterableDataset):
         position = self.positions.get(slot, 0)
         pieces = self.ordered_pieces(self.epoch)
         starts = np.cumsum([0] + [p.num_rows for p in pieces])
-        pending: list[tuple[pa.Table, np.ndarray]] = []
+        columnar_ok = self._columnar and columnar.applies(self.schema)
+        pending: list[tuple[_Window, int, int]] = []
         pending_rows = 0
         warned = False
 
@@ -863,27 +878,41 @@ class ParquetStream(IterableDataset):
                             "out is counted as dropped_rows (this warning: once per reader slot and pass)",
                             count, description)
 
-        def emit(table: pa.Table, origin: np.ndarray) -> Batch:
+        def emit(parts: list[tuple[_Window, int, int]]) -> Batch:
             nonlocal position
-            batch = table_to_batch(table, self.schema, self.uri, locate=locator(origin), on_drop=on_drop)
-            position += table.num_rows  # rows read, dropped ones included
+            converted = [w.columns(self.schema) for w, _, _ in parts] if columnar_ok else [None]
+            if all(c is not None for c in converted):
+                batch = columnar.make_batch([(c, lo, hi) for c, (_, lo, hi) in zip(converted, parts)], self.schema)
+            else:
+                table = _concat([w.take(lo, hi) for w, lo, hi in parts])
+                origin = np.concatenate([w.origin(lo, hi) for w, lo, hi in parts])
+                batch = table_to_batch(table, self.schema, self.uri, locate=locator(origin), on_drop=on_drop)
+            position += sum(hi - lo for _, lo, hi in parts)  # rows read, dropped ones included
             self.positions[slot] = position
             batch.slot, batch.position = slot, position
             return batch
 
         source = self._carried_rows if self.carry is not None else self._slot_rows
-        for chunk, origin in source(slot, position, pieces):
-            pending.append((chunk, origin))
-            pending_rows += chunk.num_rows
+        for window, lo, hi in source(slot, position, pieces):
+            if hi == lo:  # a resumed cursor at the end of its rows
+                continue
+            pending.append((window, lo, hi))
+            pending_rows += hi - lo
             while pending_rows >= self.batch_size:
-                table = _concat([t for t, _ in pending])
-                origins = np.concatenate([o for _, o in pending]) if len(pending) > 1 else pending[0][1]
-                yield emit(table.slice(0, self.batch_size), origins[:self.batch_size])
-                rest, rest_origin = table.slice(self.batch_size), origins[self.batch_size:]
-                pending, pending_rows = ([(rest, rest_origin)] if rest.num_rows else []), rest.num_rows
+                parts, need = [], self.batch_size
+                while need:
+                    w, a, b = pending[0]
+                    take = min(need, b - a)
+                    parts.append((w, a, a + take))
+                    if take == b - a:
+                        pending.pop(0)
+                    else:
+                        pending[0] = (w, a + take, b)
+                    need -= take
+                pending_rows -= self.batch_size
+                yield emit(parts)
         if pending_rows:
-            table = _concat([t for t, _ in pending])
-            yield emit(table, np.concatenate([o for _, o in pending]))
+            yield emit(pending)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -893,6 +922,38 @@ class ParquetStream(IterableDataset):
                             f"{self.slots_per_rank}; pass num_workers=data.num_workers to both")
         local = (worker + self.rotation) % self.slots_per_rank
         yield from self._slot_batches(self.rank * self.slots_per_rank + local)
+
+
+class _Window:
+    """One shuffle window of a slot: rows [start, start + n) of the epoch's row sequence as read
+    (one table per row group), the permutation that orders them (None: unshuffled), and their
+    columnar conversion, made when a batch first asks for it (None when these rows need
+    `table_to_batch`)."""
+
+    __slots__ = ("tables", "start", "perm", "_table", "_columns", "_converted")
+
+    def __init__(self, tables: list[pa.Table], start: int, perm: np.ndarray | None) -> None:
+        self.tables, self.start, self.perm = tables, start, perm
+        self._table: pa.Table | None = None
+        self._columns: columnar.Columns | None = None
+        self._converted = False
+
+    def take(self, lo: int, hi: int) -> pa.Table:
+        """The window's permuted rows [lo, hi) as one table (for `table_to_batch`)."""
+        if self._table is None:
+            self._table = _concat(self.tables)
+        if self.perm is None:
+            return self._table.slice(lo, hi - lo)
+        return self._table.take(pa.array(self.perm[lo:hi]))
+
+    def origin(self, lo: int, hi: int) -> np.ndarray:
+        """Each row's index in the epoch's row sequence (for error messages)."""
+        return self.start + (np.arange(lo, hi, dtype=np.int64) if self.perm is None else self.perm[lo:hi])
+
+    def columns(self, schema: Schema) -> columnar.Columns | None:
+        if not self._converted:
+            self._columns, self._converted = columnar.Columns.convert(self.tables, self.perm, schema), True
+        return self._columns
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
