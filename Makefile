@@ -15,7 +15,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m trainer bench --config configs/bench_dlrm.toml --nproc 2 --steps 20 --warmup 5
+	$(PY) -m trainer bench --config configs/bench_dlrm.toml --nproc 2 --steps 30 --warmup 10
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
