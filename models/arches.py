@@ -63,25 +63,31 @@ def pooled_in_order(pooled: KeyedTensor, feature_names: list[str]) -> torch.Tens
     keys, values = list(pooled.keys()), pooled.values()
     if keys == feature_names:
         return values
-    dims = dict(zip(keys, pooled.length_per_key()))
-    if len(set(dims.values())) == 1:  # uniform dims: reorder whole [E] blocks
-        dim = next(iter(dims.values()))
-        order = _order_index(tuple(keys), tuple(feature_names), values.device)
-        return values.reshape(values.shape[0], len(keys), dim).index_select(1, order).reshape(values.shape[0], -1)
-    offsets = dict(zip(keys, pooled.offset_per_key()))
-    columns = torch.cat([torch.arange(offsets[f], offsets[f] + dims[f]) for f in feature_names]).to(values.device)
-    return values.index_select(1, columns)
+    dims = tuple(pooled.length_per_key())
+    batch = values.shape[0]
+    if len(set(dims)) == 1:  # uniform dims: reorder whole [E] blocks
+        order = _order_index(tuple(keys), dims, tuple(feature_names), values.device)
+        return values.reshape(batch, len(keys), dims[0]).index_select(1, order).reshape(batch, -1)
+    return values.index_select(1, _order_index(tuple(keys), dims, tuple(feature_names), values.device))
 
 
 _ORDERS: dict[tuple, torch.Tensor] = {}
 
 
-def _order_index(keys: tuple[str, ...], wanted: tuple[str, ...], device: torch.device) -> torch.Tensor:
-    """int64 [F]: position in `keys` of each of `wanted` (cached: the layout is fixed per model)."""
-    cache_key = (keys, wanted, str(device))
+def _order_index(keys: tuple[str, ...], dims: tuple[int, ...], wanted: tuple[str, ...],
+                 device: torch.device) -> torch.Tensor:
+    """int64: with uniform dims, [F] positions in `keys` of each of `wanted`; otherwise the
+    [sum of dims] columns that put `wanted`'s blocks in order (cached: the layout is fixed)."""
+    cache_key = (keys, dims, wanted, str(device))
     if cache_key not in _ORDERS:
-        where = {k: i for i, k in enumerate(keys)}
-        _ORDERS[cache_key] = torch.tensor([where[f] for f in wanted], dtype=torch.int64, device=device)
+        if len(set(dims)) == 1:
+            where = {k: i for i, k in enumerate(keys)}
+            index = torch.tensor([where[f] for f in wanted], dtype=torch.int64)
+        else:
+            starts = dict(zip(keys, (sum(dims[:i]) for i in range(len(dims)))))
+            sizes = dict(zip(keys, dims))
+            index = torch.cat([torch.arange(starts[f], starts[f] + sizes[f]) for f in wanted])
+        _ORDERS[cache_key] = index.to(device)
     return _ORDERS[cache_key]
 
 
