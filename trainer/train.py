@@ -20,8 +20,8 @@ from trainer.config_diff import describe, resume_conflicts
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max, init_distributed
 from trainer.errors import RunError
 from trainer.evaluate import flatten_metrics, lookup_metric
-from trainer.loader import make_loader, padded_batches
 from trainer.host import keep_freed_memory
+from trainer.loader import make_loader, padded_batches
 from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
 from trainer.pipeline import pipelined_steps
