@@ -532,6 +532,10 @@ def data_only(cfg, workers: list[int] | None = None, min_seconds: float = 2.0) -
     from data.schema import Schema
     from trainer.build import build_unsharded_model
 
+    from trainer.host import keep_freed_memory
+
+    if cfg.train.keep_freed_memory:  # as in training, whose workers fork from a tuned process
+        keep_freed_memory()
     _, schema = build_unsharded_model(cfg)
     assert isinstance(schema, Schema)
     _, files = list_parquet_files(cfg.data.train_path)
