@@ -28,6 +28,8 @@ import re
 import resource
 import time
 from contextlib import contextmanager, nullcontext
+from itertools import islice
+from statistics import median
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -241,11 +243,6 @@ def _batches_forever(trainer) -> Iterator:
         epoch += 1
 
 
-def _take(it: Iterator, n: int) -> Iterator:
-    for _ in range(n):
-        yield next(it)
-
-
 def synthetic_batches(schema, batch_size: int, device, pool: int = 8, seed: int = 0) -> Iterator:
     """Batches made on `device` up front and cycled: one uniform id per feature over its table,
     normal dense features, 0/1 labels, like TorchRec's random DLRM batches. Without the reader
@@ -319,9 +316,9 @@ def peak_rss_mb() -> dict:
     return {"main": round(own, 1), "workers": round(workers, 1)}
 
 
-def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, synthetic: str = "",
+def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, source: str = "parquet",
                rss_every: int = 0, threads: int = 0, breakdown_steps: int = 0) -> dict | None:
-    """Run the bench on this rank; the result on rank 0 (None elsewhere). `synthetic="device"`:
+    """Run the bench on this rank; the result on rank 0 (None elsewhere). `source="device"`:
     batches made on the device instead of read from Parquet. `rss_every`: sample resident memory
     every that many throughput steps and report its slope. `threads`: intra-op threads (0: as set).
     `breakdown_steps`: steps of the instrumented phase (0: `steps`)."""
@@ -336,14 +333,12 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, syn
     ctx = trainer.ctx
     timer = StageTimer(trainer.model, ctx.device, profile=bool(profile_dir))
     trainer.model.train()
-    if synthetic == "device":
-        source = synthetic_batches(trainer.schema, cfg.data.batch_size, ctx.device, seed=cfg.train.seed + ctx.rank)
-    else:
-        source = _batches_forever(trainer)
+    batches = (synthetic_batches(trainer.schema, cfg.data.batch_size, ctx.device, seed=cfg.train.seed + ctx.rank)
+               if source == "device" else _batches_forever(trainer))
     global_batch = cfg.data.batch_size * ctx.world_size
 
     # warm-up (untimed): allocations, first collectives, the DataLoader's first prefetches
-    for _ in trainer._steps(_take(source, warmup)):
+    for _ in trainer._steps(islice(batches, warmup)):
         pass
 
     # phase 1: throughput, production loop
@@ -353,7 +348,7 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, syn
     rss: list[tuple[int, float, float]] = []
     t0 = clock.now()
     n = 0
-    for _ in trainer._steps(_timed_batches(_take(source, steps), time.perf_counter, waits)):
+    for _ in trainer._steps(_timed_batches(islice(batches, steps), time.perf_counter, waits)):
         n += 1
         if rss_every and n % rss_every == 0:
             rss.append((n, *current_rss_mb()))
@@ -366,7 +361,7 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, syn
     step_total = 0.0
     parts = breakdown_steps or steps
     with prof as p:
-        feed = _timed_batches(_take(source, parts), timer.clock.now, timer.totals)
+        feed = _timed_batches(islice(batches, parts), timer.clock.now, timer.totals)
         for _ in range(parts):
             s0 = timer.clock.now()
             with timer._range("data"):
@@ -400,7 +395,6 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, syn
                 p.step()
     timer.active = False
     peaks = all_gather_objects(peak_rss_mb())
-    slopes = all_gather_objects(rss_report(rss))
     per_step = {k: v / parts * 1000.0 for k, v in timer.totals.items()}
     step_ms = step_total / parts * 1000.0
     per_step["other"] = max(0.0, step_ms - sum(per_step.values()))
@@ -414,13 +408,13 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, syn
         "peak_rss_mb": peaks,
         "embedding_share": round((per_step["input_a2a"] + per_step["emb_fwd"] + per_step["emb_bwd"]) / step_ms, 4)
         if step_ms else 0.0,
-        "source": synthetic or "parquet",
+        "source": source,
         "device": str(ctx.device), "torch_threads": torch.get_num_threads(),
         "num_workers": cfg.data.num_workers,
         "precision": {"dense": cfg.precision.dense, "embeddings": cfg.precision.embeddings},
     }
     if rss_every:
-        result["rss_over_steps"] = slopes
+        result["rss_over_steps"] = all_gather_objects(rss_report(rss))
     if profile_dir:
         result["profile_dir"] = str(profile_dir)
     trainer.logger.close()
@@ -463,9 +457,8 @@ def compare_rounds(run_ours: Callable[[], dict], run_peer: Callable[[], str], ro
         results.append(r)
         ours.append(r["samples_per_s"])
         peer.append(parse(run_peer()))
-    med = lambda xs: sorted(xs)[len(xs) // 2] if len(xs) % 2 else sum(sorted(xs)[len(xs) // 2 - 1:len(xs) // 2 + 1]) / 2
-    return {"ours_samples_per_s": ours, "peer_samples_per_s": peer, "ratio": med(ours) / med(peer),
-            "ratio_best": max(ours) / max(peer), "results": results}
+    return {"ours_samples_per_s": ours, "peer_samples_per_s": peer, "ours_median": median(ours),
+            "ratio": median(ours) / median(peer), "ratio_best": max(ours) / max(peer), "results": results}
 
 
 # ------------------------------------------------------------------------------------ data-only

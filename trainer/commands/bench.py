@@ -95,20 +95,17 @@ def run_once(args) -> dict:
         return json.loads(result_file.read_text())
 
 
-def _in_process(args) -> dict:
+def _in_process(args) -> dict | None:
+    """The bench on this process's rank (the whole world with --nproc 1); rank 0's result."""
     from trainer.bench import run_worker
     from trainer.distributed import shutdown
 
     cfg = load_config(args.config, args.overrides)
     try:
-        return run_worker(cfg, args.steps, args.warmup, args.profile, _source(args), args.rss_every, args.threads,
+        return run_worker(cfg, args.steps, args.warmup, args.profile, args.synthetic, args.rss_every, args.threads,
                           args.breakdown_steps)
     finally:
         shutdown()
-
-
-def _source(args) -> str:
-    return "" if args.synthetic == "parquet" else args.synthetic
 
 
 def run_peer(python: str = sys.executable) -> str:
@@ -141,7 +138,7 @@ def run(args, peer=run_peer) -> int:
         print(f"ratio ours/peer (medians of {args.rounds}): {cmp['ratio']:.3f}   (bests: {cmp['ratio_best']:.3f})")
         result = dict(cmp["results"][-1])
         result.update({k: v for k, v in cmp.items() if k != "results"})
-        result["samples_per_s"] = sorted(cmp["ours_samples_per_s"])[len(cmp["ours_samples_per_s"]) // 2]
+        result["samples_per_s"] = cmp["ours_median"]  # the ratio's numerator
         print(json.dumps(result))
         return 0
     result = run_once(args)
@@ -152,15 +149,9 @@ def run(args, peer=run_peer) -> int:
 
 def _run_as_worker(args) -> int:
     """Under torchrun: run the bench; rank 0 writes the result (or prints it)."""
-    from trainer.bench import format_table, run_worker
-    from trainer.distributed import shutdown
+    from trainer.bench import format_table
 
-    cfg = load_config(args.config, args.overrides)
-    try:
-        result = run_worker(cfg, args.steps, args.warmup, args.profile, _source(args), args.rss_every, args.threads,
-                          args.breakdown_steps)
-    finally:
-        shutdown()
+    result = _in_process(args)
     if result is not None:
         if args.result_file:
             Path(args.result_file).write_text(json.dumps(result) + "\n")
