@@ -491,7 +491,7 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str, locate: Locate |
             return _all_dropped(schema, dropped)
         table = table.take(pa.array(kept))
         labels, dense = labels[kept], dense[kept]
-        missing = [m[kept] if m is not None else None for m in missing]
+        missing = missing[kept] if missing is not None else None
         outer = at.locate
         at = _Where(lambda i: outer(int(kept[i])))
         n = len(kept)
@@ -504,7 +504,7 @@ def table_to_batch(table: pa.Table, schema: Schema, where: str, locate: Locate |
                             f"such label(s) among the {n} rows read with it); binary tasks need 0/1 labels: fix the "
                             f"data, or give the task that reads {c!r} kind = \"regression\"")
 
-    dense, null_dense, negative_dense = _finish_dense(dense, missing, schema)
+    dense, null_dense, negative_dense = finish_dense(dense, missing, schema)
     values, lengths, weights = [], [], []
     stats = np.zeros((len(schema.features), len(COUNTER_NAMES)), dtype=np.int64)
     limit = schema.max_list_length
@@ -573,34 +573,25 @@ def _passthrough(table: pa.Table, schema: Schema) -> dict[str, tuple[torch.Tenso
     return extras
 
 
-def _dense_values(table: pa.Table, schema: Schema) -> tuple[np.ndarray, list[np.ndarray | None]]:
-    """(dense values [B, len(dense_columns)] as float32 with nulls filled by 0, null mask per column)."""
+def _dense_values(table: pa.Table, schema: Schema) -> tuple[np.ndarray, np.ndarray | None]:
+    """(dense values [B, len(dense_columns)] as float32 with nulls filled by 0, bool null mask of
+    the same shape or None when no value is null)."""
     n = table.num_rows
-    if not schema.dense_columns:
-        return np.zeros((n, 0), dtype=np.float32), []
-    cols, missing = [], []
-    for c in schema.dense_columns:
+    cols, missing = [], None
+    for k, c in enumerate(schema.dense_columns):
         col = table.column(c)
         if col.null_count:
-            missing.append(col.is_null().to_numpy(zero_copy_only=False))
+            if missing is None:
+                missing = np.zeros((n, len(schema.dense_columns)), dtype=bool)
+            missing[:, k] = col.is_null().to_numpy(zero_copy_only=False)
             col = pc.fill_null(col.cast(pa.float32()), 0.0)
-        else:
-            missing.append(None)
         cols.append(_floats(col))
-    return np.stack(cols, axis=1), missing
-
-
-def _finish_dense(dense: np.ndarray, missing: list[np.ndarray | None], schema: Schema) -> tuple[np.ndarray, int, int]:
-    """(dense [B, schema.num_dense], null count, negatives folded by log1p)."""
-    if any(m is not None for m in missing):
-        n = dense.shape[0]
-        return finish_dense(dense, np.stack([m if m is not None else np.zeros(n, dtype=bool) for m in missing], axis=1),
-                            schema)
-    return finish_dense(dense, None, schema)
+    return (np.stack(cols, axis=1) if cols else np.zeros((n, 0), dtype=np.float32)), missing
 
 
 def finish_dense(dense: np.ndarray, missing: np.ndarray | None, schema: Schema) -> tuple[np.ndarray, int, int]:
-    """`_finish_dense` with the null mask as one bool [B, len(dense_columns)] array (None: no null)."""
+    """(dense [B, schema.num_dense], null count, negatives folded by log1p); `missing`: bool
+    [B, len(dense_columns)] null mask, or None when no value is null."""
     n = dense.shape[0]
     if not schema.dense_columns:
         return np.zeros((n, 0), dtype=np.float32), 0, 0
