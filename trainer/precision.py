@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.precision import fx_tracing
+from models.precision import embedding_grad_unscale, fx_tracing
 
 from trainer.config import PrecisionConfig
 
@@ -39,7 +39,6 @@ class DensePrecision:
     """The dense part's dtype: autocast for the forward, loss scaling for fp16."""
 
     def __init__(self, mode: str = "fp32", device: torch.device | str = "cpu") -> None:
-        self.mode = mode
         self.device_type = torch.device(device).type
         self.dtype = DTYPES[mode]
         self.scaler = torch.amp.GradScaler(self.device_type) if mode == "fp16" else None
@@ -54,8 +53,6 @@ class DensePrecision:
         if self.dtype is None:
             yield
             return
-        from models.precision import embedding_grad_unscale
-
         with torch.autocast(self.device_type, dtype=self.dtype):
             if not (training and self.scaler is not None):
                 yield
@@ -86,13 +83,16 @@ class DensePrecision:
                 self.scaler.step(opt)
             else:
                 opt.step()
+        before = self.scaler._get_scale_async().clone()
         self.scaler.update()
-        self._back_off_on_table_overflow()
+        self._back_off_on_table_overflow(before)
 
-    def _back_off_on_table_overflow(self) -> None:
+    def _back_off_on_table_overflow(self, before: torch.Tensor) -> None:
         """GradScaler checks only the dense gradients; an Inf/NaN in a gradient into the tables
         (zeroed on its way, see models/precision.py) must lower the scale too, on every rank alike,
-        or the tables would get zero gradients step after step. Stays on the device."""
+        or the tables would get zero gradients step after step. One back-off per step: when the
+        dense gradients overflowed as well, GradScaler's own update already backed off from
+        `before` (the scale the step ran with). Stays on the device."""
         boundary, self._boundary = self._boundary, None
         if boundary is None or boundary.overflow is None:
             return
@@ -100,7 +100,8 @@ class DensePrecision:
         if dist.is_initialized():
             dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
         scale = self.scaler._get_scale_async()
-        self.scaler.update(new_scale=torch.where(overflow[0] > 0, scale * self.scaler.get_backoff_factor(), scale))
+        backed_off = torch.minimum(scale, before * self.scaler.get_backoff_factor())
+        self.scaler.update(new_scale=torch.where(overflow[0] > 0, backed_off, scale))
 
     def summary(self) -> dict:
         """{"loss_scale": the current fp16 loss scale} (nothing for fp32/bf16)."""

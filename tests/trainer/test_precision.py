@@ -128,6 +128,22 @@ def test_an_overflow_into_the_tables_lowers_the_loss_scale_though_the_dense_grad
     assert torch.isfinite(dense.weight).all()
 
 
+def test_an_overflow_on_both_sides_backs_the_loss_scale_off_once():
+    from trainer.precision import DensePrecision
+
+    precision = DensePrecision("fp16", "cpu")
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    dense = torch.nn.Linear(3, 1)
+    table_rows = torch.ones(2, 3, requires_grad=True)
+    start = precision.scaler.get_scale()
+    with precision.forward(training=True):
+        pooled = dense_input(table_rows)
+        loss = dense(pooled.float()).sum() * float("inf")  # the dense and the table gradients overflow
+    precision.backward(loss)
+    precision.step(_DenseOnly(torch.optim.SGD(dense.parameters(), lr=0.1)))
+    assert precision.scaler.get_scale() == start * precision.scaler.get_backoff_factor()
+
+
 class _DenseOnly:
     """The CombinedOptimizer shape DensePrecision.step walks: (name, optimizer) pairs."""
 
