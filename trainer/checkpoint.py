@@ -57,6 +57,12 @@ def is_complete(path: Path) -> bool:
     return _STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file()
 
 
+def step_of(path: Path) -> int | None:
+    """The step of a `step_<N>` checkpoint directory (None for any other name)."""
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 

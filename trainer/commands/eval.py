@@ -43,10 +43,9 @@ def _evaluate_checkpoint(cfg, ckpt: Path, data: str, out: str | None) -> None:
     dist.barrier()
 
 
-def _quantized(cfg, ckpt: Path, data: str, out: str | None, modes_text: str) -> None:
-    from trainer.quant_eval import parse_modes, quantized_eval, report_lines
+def _quantized(cfg, ckpt: Path, data: str, out: str | None, modes: list[str]) -> None:
+    from trainer.quant_eval import quantized_eval, report_lines
 
-    modes = parse_modes(modes_text)
     result = quantized_eval(cfg, ckpt, data, modes)
     result = {**result, "checkpoint": str(ckpt), "data": data, "world_size": 1, "quantize": modes}
     path = Path(out) if out else Path(cfg.train.run_dir) / "eval" / f"{ckpt.name}-{'-'.join(modes)}.json"
@@ -69,9 +68,9 @@ def run(args) -> int:
     if args.quantize is not None:
         from trainer.quant_eval import check_ranking_model, parse_modes
 
-        parse_modes(args.quantize)  # a bad mode or model is an error before the checkpoint is read
+        modes = parse_modes(args.quantize)  # a bad mode or model is an error before the checkpoint is read
         check_ranking_model(cfg, "rectrain eval --quantize")
-        _quantized(cfg, resolve_checkpoint(args.checkpoint), data, args.out, args.quantize)
+        _quantized(cfg, resolve_checkpoint(args.checkpoint), data, args.out, modes)
         return 0
     ckpt = resolve_checkpoint(args.checkpoint)
     try:

@@ -18,17 +18,17 @@ next to the fp32 model's, and the difference.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 
 import torch
 
+from trainer.checkpoint import step_of
 from trainer.config import ConfigError, RunConfig
 from trainer.errors import RunError
+from trainer.export import write_json
 
 log = logging.getLogger("rectrain")
 FORMAT = "rectrain-ranking-export/1"
@@ -37,11 +37,6 @@ MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 FP32_TOLERANCE = 0.0
 QUANTIZED_TOLERANCE = 1e-6
-
-
-def _step_of(checkpoint: Path) -> int | None:
-    m = re.match(r"^step_(\d+)$", checkpoint.name)
-    return int(m.group(1)) if m else None
 
 
 def inputs_manifest(schema) -> dict:
@@ -169,7 +164,7 @@ def export_ranking(cfg: RunConfig, checkpoint: str | Path, out: str | Path, quan
         "format": FORMAT,
         "model": cfg.model.name,
         "checkpoint": str(ckpt.resolve()),
-        "step": _step_of(ckpt),
+        "step": step_of(ckpt),
         "file": MODEL_FILE,
         "format_notes": "TorchScript; inputs (values, lengths, dense, weights) in the KJT layout of inputs.features, "
                         "ids mapped by inputs.id_policy; outputs {task: probability (binary) or value}",
@@ -190,7 +185,7 @@ def export_ranking(cfg: RunConfig, checkpoint: str | Path, out: str | Path, quan
         "config": cfg.to_dict(),
     }
     if not parity["passed"]:
-        _write_json(out / MANIFEST, manifest)
+        write_json(out / MANIFEST, manifest)
         if parity["rows"] == 0:
             raise RunError(f"export ranking: the parity gate read no rows from {path}; point --data at eval rows")
         task, diff = max(parity["max_abs_diff"].items(), key=lambda kv: kv[1])
@@ -199,7 +194,7 @@ def export_ranking(cfg: RunConfig, checkpoint: str | Path, out: str | Path, quan
                        f"(tolerance {parity['tolerance']:g}); the export is not marked complete")
     manifest["complete"] = True
     manifest["export_seconds"] = round(time.perf_counter() - t_start, 3)
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     (out / COMPLETE).write_text(f"{manifest['model']} {quantize or 'fp32'} parity max_abs_diff "
                                 f"{max(parity['max_abs_diff'].values()):.3g} over {parity['rows']} rows\n")
     return manifest
@@ -224,7 +219,3 @@ def summary_lines(manifest: dict) -> list[str]:
     return lines
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)

@@ -12,15 +12,14 @@ OUT/
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from trainer.checkpoint import step_of
 from trainer.config import ConfigError, RunConfig
-from trainer.export import faiss_index
+from trainer.export import faiss_index, write_json
 from trainer.export.faiss_index import IndexParams
 from trainer.export.serving import FLAT_INDEX, ITEMS, METADATA, QUERY_TOWER, USERS, RetrievalExport, ann_file
 
@@ -28,11 +27,6 @@ log = logging.getLogger("rectrain")
 FORMAT = "rectrain-retrieval-export/1"
 _CONTRACT = ("query_features", "candidate_features", "item_id_feature", "sparse", "feature_table", "feature_pooling",
              "uses_dense", "query_mlp", "encode_query", "encode_candidate")
-
-
-def _step_of(checkpoint: Path) -> int | None:
-    m = re.match(r"^step_(\d+)$", checkpoint.name)
-    return int(m.group(1)) if m else None
 
 
 def eval_ks(cfg: RunConfig) -> list[int]:
@@ -102,7 +96,7 @@ def export_retrieval(cfg: RunConfig, checkpoint: str | Path, out: str | Path, pa
         "format": FORMAT,
         "model": cfg.model.name,
         "checkpoint": str(ckpt.resolve()),
-        "step": _step_of(ckpt),
+        "step": step_of(ckpt),
         "dim": int(dim),
         "num_items": int(n),
         "num_users": len(users),
@@ -117,7 +111,7 @@ def export_retrieval(cfg: RunConfig, checkpoint: str | Path, out: str | Path, pa
         "query_tower_max_abs_error": err,
         "config": cfg.to_dict(),
     }
-    _write_json(out / METADATA, metadata)  # measure() loads the export through its metadata
+    write_json(out / METADATA, metadata)  # measure() loads the export through its metadata
 
     export = RetrievalExport(out)
     result = measure(export, eval_ks(cfg), sweep)
@@ -125,7 +119,7 @@ def export_retrieval(cfg: RunConfig, checkpoint: str | Path, out: str | Path, pa
     metadata["files"] = sizes
     metadata["total_bytes"] = sum(sizes.values())
     metadata["export_seconds"] = round(time.perf_counter() - t_start, 3)
-    _write_json(out / METADATA, metadata)
+    write_json(out / METADATA, metadata)
     for line in report_lines(result, resolved):
         log.info("%s", line)
     log.info("export: %s (%s) -> %s: %d items, %d users, %.1f MB", ckpt, cfg.model.name, out, n, len(users),
@@ -133,7 +127,3 @@ def export_retrieval(cfg: RunConfig, checkpoint: str | Path, out: str | Path, pa
     return metadata
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
