@@ -16,6 +16,7 @@ tables' storage dtype, and TorchRec's quantized all-to-all.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from typing import Iterator
 
 import torch
@@ -193,12 +194,9 @@ def table_bytes(model: nn.Module) -> dict[str, int]:
             name = str(t.dtype).replace("torch.", "")
             counts[name] = counts.get(name, 0) + t.numel() * t.element_size()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, counts)
-        counts = {}
-        for part in gathered:
-            for name, n in part.items():
-                counts[name] = counts.get(name, 0) + n
+        from trainer.distributed import all_gather_objects
+
+        counts = dict(sum((Counter(part) for part in all_gather_objects(counts)), Counter()))
     return {"total": sum(counts.values()), **dict(sorted(counts.items()))}
 
 
