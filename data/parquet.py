@@ -228,6 +228,21 @@ def compare_file_schema(path: str, arrow_schema: pa.Schema, first_path: str, fir
                             f"a column the same type: rewrite this file with {t0}")
 
 
+def open_parquet(fs, path: str):
+    """(open file, ParquetFile, size) after the footer checks of `read_footer`; DataError naming
+    the file when it cannot be opened."""
+    try:
+        f = fs.open_input_file(path)
+    except READ_ERRORS as e:
+        raise DataError(f"{path}: cannot be opened ({one_line(e)}); check the file and its permissions") from None
+    try:
+        pf, size = read_footer(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f, pf, size
+
+
 def discover_pieces(uri: str, schema: Schema) -> tuple[pafs.FileSystem, list[Piece]]:
     """Every non-empty row group under `uri`, after reading every footer and checking each file
     (see the module docstring for what is checked here)."""
@@ -236,12 +251,8 @@ def discover_pieces(uri: str, schema: Schema) -> tuple[pafs.FileSystem, list[Pie
     first: tuple[str, pa.Schema] | None = None
     columns = schema.columns
     for path in files:
-        try:
-            f = fs.open_input_file(path)
-        except READ_ERRORS as e:
-            raise DataError(f"{path}: cannot be opened ({one_line(e)}); check the file and its permissions") from None
+        f, pf, size = open_parquet(fs, path)
         with f:
-            pf, size = read_footer(f, path)
             meta, arrow_schema = pf.metadata, pf.schema_arrow
             validate_file_schema(path, arrow_schema, schema)
             if first is None:

@@ -73,7 +73,7 @@ def score(export: str | Path, data: str, out: str, keep: list[str] | None = None
     import torch
     from tqdm import tqdm
 
-    from data.parquet import READ_ERRORS, list_parquet_files, one_line, read_footer, table_to_batch, validate_file_schema
+    from data.parquet import list_parquet_files, open_parquet, table_to_batch, validate_file_schema
     from trainer.export.ranking import run_scorer, schema_from_manifest
 
     if batch_rows < 1:
@@ -94,11 +94,7 @@ def score(export: str | Path, data: str, out: str, keep: list[str] | None = None
     opened = []
     total = 0
     for path in files:
-        try:
-            f = fs.open_input_file(path)
-        except READ_ERRORS as e:
-            raise DataError(f"{path}: cannot be opened ({one_line(e)}); check the file and its permissions") from None
-        pf, _ = read_footer(f, path)
+        f, pf, _ = open_parquet(fs, path)
         validate_file_schema(path, pf.schema_arrow, schema)
         missing = [c for c in keep if c not in pf.schema_arrow.names]
         if missing:
