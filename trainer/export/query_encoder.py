@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.schema import DataError, map_ids
+from data.schema import DataError, map_ids, signed_log1p
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ class RawQueryInputs:
                     except (TypeError, ValueError):
                         raise DataError(f"{where}: dense feature {c!r} must be a number, got {value!r}") from None
         if self.dense_transform == "log1p":
-            dense = np.sign(dense) * np.log1p(np.abs(dense))
+            dense = signed_log1p(dense)
         if self.dense_missing == "indicator":
             dense = np.concatenate([dense, missing.astype(np.float32)], axis=1)
         return ids, offsets, torch.from_numpy(dense.astype(np.float32))
