@@ -65,12 +65,14 @@ class Batch(Pipelineable):
         # gives every tensor a shared-memory segment of its own and passes its file descriptor
         # over a socket: about 15 ms per batch of the bench config (batch 2,048, 26 features),
         # several times the cost of reading it. The tensors' bytes inline in the pickle cost
-        # well under 1 ms. Anything this does not cover (CUDA or non-contiguous tensors,
-        # autograd, KJT caches holding tensors) pickles as before.
-        state = _inline_state(self)
-        if state is None:
+        # well under 1 ms (and data/transport.py's shared slots less still). Anything this does
+        # not cover (CUDA or non-contiguous tensors, autograd, KJT caches holding tensors)
+        # pickles as before.
+        parts = batch_tensors(self)
+        if parts is None:
             return super().__reduce_ex__(protocol)
-        return _rebuild_batch, state
+        tensors, skeleton = parts
+        return _rebuild_inline, ([_pack(t) for t in tensors], skeleton)
 
     @property
     def num_samples(self) -> int:
@@ -164,26 +166,39 @@ def _holds_tensor(value) -> bool:
     return not isinstance(value, (str, int, float, bool, type(None)))
 
 
-def _inline_state(batch: Batch) -> tuple | None:
-    """The batch with every tensor packed as bytes (and the KJT as its attributes), or None when
-    a tensor or KJT attribute is not plain enough to rebuild exactly."""
+# What rebuilds a batch around its tensors: (KJT tensor attribute names, the KJT's other
+# attributes, passthrough names, the batch's other fields).
+Skeleton = tuple[list[str], dict, list[str], dict]
+
+
+def batch_tensors(batch: Batch) -> tuple[list[torch.Tensor], Skeleton] | None:
+    """Every tensor of the batch (the KJT's as its attributes) in a fixed order and what else
+    rebuilds it, or None when a tensor or KJT attribute is not plain enough to rebuild exactly
+    from its bytes (CUDA, non-contiguous, autograd, KJT caches holding tensors)."""
     attrs = vars(batch.sparse)
-    kjt_tensors = {k: v for k, v in attrs.items() if isinstance(v, torch.Tensor)}
+    kjt_names = [k for k, v in attrs.items() if isinstance(v, torch.Tensor)]
     kjt_rest = {k: v for k, v in attrs.items() if not isinstance(v, torch.Tensor)}
-    tensors = [batch.dense, batch.labels, batch.weights, *kjt_tensors.values()]
+    tensors = [batch.dense, batch.labels, batch.weights, *(attrs[k] for k in kjt_names)]
     tensors += [t for pair in batch.extras.values() for t in pair]
     if not all(_packable(t) for t in tensors) or any(_holds_tensor(v) for v in kjt_rest.values()):
         return None
     rest = {f: getattr(batch, f) for f in batch.__dataclass_fields__
             if f not in ("dense", "sparse", "labels", "weights", "extras")}
-    return (_pack(batch.dense), _pack(batch.labels), _pack(batch.weights),
-            {k: _pack(v) for k, v in kjt_tensors.items()}, kjt_rest,
-            {name: (_pack(v), _pack(n)) for name, (v, n) in batch.extras.items()}, rest)
+    return tensors, (kjt_names, kjt_rest, list(batch.extras), rest)
 
 
-def _rebuild_batch(dense, labels, weights, kjt_tensors, kjt_rest, extras, rest) -> Batch:
+def rebuild_batch(tensors: list[torch.Tensor], skeleton: Skeleton) -> Batch:
+    """The inverse of `batch_tensors`."""
+    kjt_names, kjt_rest, extra_names, rest = skeleton
+    dense, labels, weights = tensors[:3]
+    kjt_tensors = tensors[3:3 + len(kjt_names)]
+    extras = tensors[3 + len(kjt_names):]
     sparse = KeyedJaggedTensor.__new__(KeyedJaggedTensor)
     vars(sparse).update(kjt_rest)
-    vars(sparse).update({k: _unpack(v) for k, v in kjt_tensors.items()})
-    return Batch(dense=_unpack(dense), sparse=sparse, labels=_unpack(labels), weights=_unpack(weights),
-                 extras={name: (_unpack(v), _unpack(n)) for name, (v, n) in extras.items()}, **rest)
+    vars(sparse).update(zip(kjt_names, kjt_tensors))
+    return Batch(dense=dense, sparse=sparse, labels=labels, weights=weights,
+                 extras={name: (extras[2 * i], extras[2 * i + 1]) for i, name in enumerate(extra_names)}, **rest)
+
+
+def _rebuild_inline(packed: list, skeleton: Skeleton) -> Batch:
+    return rebuild_batch([_unpack(p) for p in packed], skeleton)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Iterator
 
 import torch
@@ -10,12 +11,40 @@ from torch.utils.data import DataLoader
 from data.batch import Batch, padding_for
 from data.parquet import ParquetStream
 from data.schema import DataError
+from data.transport import BatchRing
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers send batches through shared memory (data/transport.py): a
+    fresh ring for each iterator, made before the iterator forks its workers and kept alive by
+    it while their batches can arrive."""
+
+    def __iter__(self):
+        stream, ring = self.dataset, None
+        if self.num_workers:
+            schema = stream.schema
+            ring = BatchRing.for_batches(self.num_workers, self.prefetch_factor * self.num_workers, stream.batch_size,
+                                         schema.num_dense, len(schema.label_columns), len(schema.features),
+                                         schema.weighted)
+        stream.transport = ring
+        # Forked workers share the parent's pages until they write to them, and a garbage
+        # collection in a worker writes to every object it traverses: the whole parent's heap of
+        # torch and model objects, copied page by page (about 10,000 page faults a worker and
+        # epoch on the bench config). Frozen objects are never traversed, so the workers
+        # collect only their own; the parent unfreezes its objects once the workers exist.
+        gc.freeze()
+        try:
+            iterator = super().__iter__()
+        finally:
+            gc.unfreeze()
+        iterator._batch_ring = ring
+        return iterator
 
 
 def make_loader(stream: ParquetStream, device: torch.device, prefetch_factor: int = 2) -> DataLoader:
     """Batches are built in the workers (`batch_size=None`); one worker per reader slot."""
     workers = stream.num_workers
-    return DataLoader(
+    return _Loader(
         stream,
         batch_size=None,
         num_workers=workers,

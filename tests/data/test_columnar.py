@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import data.parquet as parquet
 from data import columnar
-from data.batch import Batch, _inline_state, padding_batch
+from data.batch import Batch, batch_tensors, padding_batch
 from data.parquet import ParquetStream
 from data.schema import DataError, FeatureSpec, Schema
 
@@ -335,7 +335,7 @@ def _forking_roundtrip(batch: Batch) -> Batch:
 
 def test_batch_pickles_inline_and_rebuilds_equal(dataset):
     for batch in list(_stream(dataset, _schema(dense_missing="indicator"), True, batch_size=7))[:3]:
-        assert _inline_state(batch) is not None
+        assert batch_tensors(batch) is not None
         data = ForkingPickler.dumps(batch)
         assert len(data) > batch.sparse.values().numel() * 8  # the bytes travel in the pickle
         back = pickle.loads(data)
@@ -349,14 +349,14 @@ def test_batch_pickles_inline_and_rebuilds_equal(dataset):
 def test_batch_with_tensor_caches_pickles_as_usual(dataset):
     batch = next(iter(_stream(dataset, _schema(), True)))
     batch.sparse.to_dict()  # fills the KJT's caches, some holding tensors
-    assert _inline_state(batch) is None
+    assert batch_tensors(batch) is None
     back = _forking_roundtrip(batch)
     assert_same_batch(back, batch)
     keys = batch.sparse.keys()
     assert all(torch.equal(back.sparse[k].values(), batch.sparse[k].values()) for k in keys)
     plain = KeyedJaggedTensor(keys=["a"], values=torch.arange(3), lengths=torch.ones(3, dtype=torch.int32))
     odd = Batch(dense=torch.zeros(4, 2).t(), sparse=plain, labels=torch.zeros(2, 1), weights=torch.ones(2))
-    assert _inline_state(odd) is None  # a transposed view
+    assert batch_tensors(odd) is None  # a transposed view
     assert torch.equal(_forking_roundtrip(odd).dense, odd.dense)
 
 

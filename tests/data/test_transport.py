@@ -1,0 +1,191 @@
+"""data/transport.py: batches cross from DataLoader workers to the main process through shared
+memory slots, arrive equal to the batches the worker built, and fall back to inline pickling
+whenever a slot cannot take them; and data/parquet.py's memory-mapped reading refuses a file
+that shrank under it instead of dying of SIGBUS."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from multiprocessing.reduction import ForkingPickler
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data.batch import Batch
+from data.parquet import ParquetStream
+from data.schema import DataError, FeatureSpec, Schema
+from data.transport import BatchRing, _InSlot
+from tests.data.test_columnar import assert_same_batch
+from trainer.loader import make_loader
+
+SCHEMA = Schema(label_columns=("label",), dense_columns=("d0", "d1"),
+                features=(FeatureSpec("s", 100), FeatureSpec("t", 7)), dense_transform="log1p")
+
+
+def _table(lo: int, hi: int) -> pa.Table:
+    r = np.arange(lo, hi)
+    return pa.table({"label": pa.array(r % 2, pa.int64()), "d0": pa.array(r * 1.5, pa.float32()),
+                     "d1": pa.array(-r, pa.float64()), "s": pa.array(r * 3, pa.int64()),
+                     "t": pa.array(r, pa.int64())})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("transport")
+    for k, (lo, hi) in enumerate([(0, 150), (150, 240)]):
+        pq.write_table(_table(lo, hi), root / f"part-{k}.parquet", row_group_size=40)
+    return str(root)
+
+
+def _stream(path: str, **kw) -> ParquetStream:
+    args = dict(batch_size=16, shuffle=True, shuffle_buffer_rows=32, seed=5)
+    args.update(kw)
+    return ParquetStream(path, SCHEMA, **args)
+
+
+def _ring(slots: int = 2, slot_bytes: int = 1 << 16) -> BatchRing:
+    return BatchRing(num_workers=1, slots=slots, slot_bytes=slot_bytes)
+
+
+def _free(ring: BatchRing, worker: int = 0) -> int:
+    return ring._free[worker].get_value()
+
+
+def test_workers_deliver_through_the_ring_what_they_build(dataset, monkeypatch):
+    """Two workers, batches keyed by (slot, position): equal to the in-process ones, and every
+    one of them was taken out of a slot here (none fell back to inline pickling)."""
+    taken = []
+    take = BatchRing.take
+
+    def counting_take(self, *args):
+        taken.append(args[:2])  # (worker, slot)
+        return take(self, *args)
+
+    monkeypatch.setattr(BatchRing, "take", counting_take)
+    reference = {}
+    for slot in (0, 1):
+        for b in _stream(dataset, num_workers=2)._slot_batches(slot):
+            reference[(b.slot, b.position)] = b
+    stream = _stream(dataset, num_workers=2)
+    got = list(make_loader(stream, torch.device("cpu"), prefetch_factor=2))
+    assert len(got) == len(reference) == 16  # 120 rows per slot in batches of 16
+    for b in got:
+        assert_same_batch(b, reference[(b.slot, b.position)])
+        b.dense += 1  # writable, and nobody else's memory
+    assert sum(b.batch_size for b in got) == 240
+    assert len(taken) == 16 and {w for w, _ in taken} == {0, 1}
+    # each worker filled its slots in turn: prefetch 2 x 2 workers + 1 = 5 slots
+    for w in (0, 1):
+        assert [s for v, s in taken if v == w] == [i % 5 for i in range(8)]
+
+
+def test_a_batch_round_trips_through_a_slot_and_frees_it(dataset):
+    ring = _ring(slots=2)
+    batch = next(iter(_stream(dataset)))
+    sent = ring.put(0, batch)
+    assert isinstance(sent, _InSlot) and _free(ring) == 1
+    data = ForkingPickler.dumps(sent)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in (batch.dense, batch.labels, batch.weights,
+                                                              batch.sparse.values(), batch.sparse.lengths()))
+    assert len(data) + tensor_bytes <= len(ForkingPickler.dumps(batch))  # the bytes stay in the slot
+    back = pickle.loads(data)
+    assert _free(ring) == 2
+    assert_same_batch(back, batch)
+    # the batch owns its memory: the slot's next batch does not change it
+    before = back.sparse.values().clone()
+    ring._bytes[:] = 0xFF
+    assert torch.equal(back.sparse.values(), before)
+
+
+def test_slots_are_used_in_turn_and_a_full_ring_sends_inline(dataset):
+    ring = _ring(slots=2)
+    batches = list(_stream(dataset))[:3]
+    first, second = ring.put(0, batches[0]), ring.put(0, batches[1])
+    assert (first.slot, second.slot) == (0, 1)
+    assert ring.put(0, batches[2]) is batches[2]  # no free slot: the batch itself, pickled inline
+    assert_same_batch(pickle.loads(ForkingPickler.dumps(first)), batches[0])
+    third = ring.put(0, batches[2])
+    assert third.slot == 0
+    assert_same_batch(pickle.loads(ForkingPickler.dumps(second)), batches[1])
+    assert_same_batch(pickle.loads(ForkingPickler.dumps(third)), batches[2])
+    assert _free(ring) == 2
+
+
+def test_a_batch_larger_than_a_slot_goes_inline(dataset):
+    batch = next(iter(_stream(dataset)))
+    ring = _ring(slots=1, slot_bytes=256)
+    assert ring.put(0, batch) is batch and _free(ring) == 1
+
+
+def test_slot_size_for_a_full_batch():
+    """for_batches sizes slots for batch_size rows of one id per feature, weighted or not."""
+    batch = Batch(dense=torch.zeros(64, 13), labels=torch.zeros(64, 2), weights=torch.ones(64),
+                  sparse=_kjt(26, 64, weighted=True))
+    ring = BatchRing.for_batches(1, outstanding=2, batch_size=64, num_dense=13, num_labels=2, num_features=26,
+                                 weighted=True)
+    assert ring.slots == 3
+    assert isinstance(ring.put(0, batch), _InSlot)
+
+
+def _kjt(features: int, rows: int, weighted: bool):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    n = features * rows
+    return KeyedJaggedTensor(keys=[f"f{i}" for i in range(features)], values=torch.arange(n),
+                             lengths=torch.ones(n, dtype=torch.int32), weights=torch.rand(n) if weighted else None)
+
+
+def test_passthrough_and_non_plain_batches(dataset):
+    ring = _ring(slots=4)
+    batch = next(iter(_stream(dataset)))
+    batch.extras = {"p": (torch.arange(5), torch.tensor([2, 3]))}
+    back = pickle.loads(ForkingPickler.dumps(ring.put(0, batch)))
+    assert_same_batch(back, batch)
+    odd = next(iter(_stream(dataset)))
+    odd.dense = odd.dense.t()  # not contiguous: not plain bytes, pickled the usual way
+    assert ring.put(0, odd) is odd
+
+
+def test_the_ring_is_not_inherited_under_spawn():
+    ring = _ring()
+    assert pickle.loads(pickle.dumps(ring)) is None
+
+
+# --------------------------------------------------------------------------- memory-mapped files
+
+
+def test_a_file_that_shrinks_during_the_run_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "a.parquet"
+    pq.write_table(_table(0, 160), path, row_group_size=32)
+    stream = ParquetStream(str(tmp_path), SCHEMA, batch_size=32, shuffle=True, shuffle_buffer_rows=32, seed=1)
+    it = iter(stream)
+    next(it)  # the file is mapped now
+    assert stream._mapped == {str(path): os.path.getsize(path)}
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(DataError, match=re.escape(f"{path}: changed after the run started (") + r"\d+ bytes now"):
+        list(it)
+
+
+def test_a_file_replaced_under_its_name_keeps_reading_the_mapped_one(tmp_path):
+    """Writing a new file and renaming it over the old one (what a careful writer does) leaves
+    the running pass on the file it mapped: same batches as without the replacement."""
+    path = tmp_path / "a.parquet"
+    pq.write_table(_table(0, 96), path, row_group_size=32)
+
+    def stream() -> ParquetStream:
+        return ParquetStream(str(tmp_path), SCHEMA, batch_size=32, shuffle=True, shuffle_buffer_rows=32, seed=2)
+
+    whole = [b.dense for b in stream()]
+    it = iter(stream())
+    first = next(it).dense
+    other = tmp_path / "other.tmp"
+    pq.write_table(_table(500, 596), other, row_group_size=32)
+    os.replace(other, path)
+    rest = [b.dense for b in it]
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip([first, *rest], whole))
