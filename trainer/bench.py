@@ -46,6 +46,9 @@ STAGE_TITLES = {
     "other": "other",
 }
 BENCH_META = "bench_meta.json"
+# Row groups of the size `rectrain data criteo` writes by default (its --row-group-rows); the
+# README gives the reader's numbers for 8,192-row groups too.
+BENCH_ROW_GROUP_ROWS = 65536
 PEER_LINE = re.compile(r"peer dlrm_main samples/s\s+([0-9.eE+]+)")
 
 
@@ -58,13 +61,14 @@ def ensure_bench_data(path: str | Path, rows: int, num_embeddings: int) -> bool:
     from data.synth import write_bench_data
 
     path = Path(path)
-    meta = {"rows": rows, "num_embeddings": num_embeddings, "ids_per_feature": 1}
+    meta = {"rows": rows, "num_embeddings": num_embeddings, "ids_per_feature": 1,
+            "row_group_rows": BENCH_ROW_GROUP_ROWS}
     marker = path / BENCH_META
     if marker.is_file() and json.loads(marker.read_text()) == meta:
         return False
     for old in path.glob("part-*.parquet"):
         old.unlink()
-    write_bench_data(path, rows, num_embeddings)
+    write_bench_data(path, rows, num_embeddings, row_group_rows=BENCH_ROW_GROUP_ROWS)
     marker.write_text(json.dumps(meta) + "\n")
     return True
 
@@ -464,41 +468,95 @@ def compare_rounds(run_ours: Callable[[], dict], run_peer: Callable[[], str], ro
 # ------------------------------------------------------------------------------------ data-only
 
 
-def _raw_decode_rows_per_s(files: list[str], columns: list[str], min_seconds: float) -> float:
-    """pq.read_table + to numpy of every column, one thread; rows/s."""
+def _raw_decode_pass(files: list[str], columns: list[str], mapped_checked: bool = False) -> int:
+    """One raw pyarrow pass over the files: pq.read_table + to numpy of every column, one
+    thread; its rows. `mapped_checked`: memory-mapped and verifying page checksums, the I/O the
+    reader does (pq.read_table's defaults do neither)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows, t0 = 0, time.perf_counter()
-    while True:
-        for f in files:
-            table = pq.read_table(f, columns=columns, use_threads=False)
-            for col in table.columns:
-                if pa.types.is_list(col.type):
-                    np.asarray(col.combine_chunks().flatten().to_numpy(zero_copy_only=False))
-                else:
-                    col.to_numpy()
-            rows += table.num_rows
-        if time.perf_counter() - t0 >= min_seconds:
-            return rows / (time.perf_counter() - t0)
+    extra = dict(memory_map=True, page_checksum_verification=True) if mapped_checked else {}
+    rows = 0
+    for f in files:
+        table = pq.read_table(f, columns=columns, use_threads=False, **extra)
+        for col in table.columns:
+            if pa.types.is_list(col.type):
+                np.asarray(col.combine_chunks().flatten().to_numpy(zero_copy_only=False))
+            else:
+                col.to_numpy()
+        rows += table.num_rows
+    return rows
 
 
-def _reader_rows_per_s(stream, workers: int, min_seconds: float, prefetch_factor: int = 2) -> float:
-    """Parquet -> Batch through the DataLoader with `workers` workers (0: in this process); rows/s."""
+def _reader_pass(stream, epoch: int) -> int:
+    """One pass of the stream in this process (Parquet -> Batch); its rows."""
+    stream.set_epoch(epoch)
+    return sum(batch.batch_size for batch in stream)
+
+
+def _timed(fn) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    rows = fn()
+    return rows, time.perf_counter() - t0
+
+
+def _per_core_rounds(stream, files: list[str], columns: list[str], rounds: int) -> dict:
+    """Reader and raw decode passes interleaved (the order rotating each round), so a slower
+    stretch of a shared machine lands on both sides: rows/s of each side (median over rounds),
+    and the reader's ratios to each raw variant as the median of the rounds' ratios (and as
+    best over best)."""
+    sides = {
+        "reader": lambda r: _reader_pass(stream, r),
+        "raw": lambda r: _raw_decode_pass(files, columns),
+        "raw_mapped_checked": lambda r: _raw_decode_pass(files, columns, mapped_checked=True),
+    }
+    names = list(sides)
+    _reader_pass(stream, 0)  # warm: files opened and mapped, page cache filled
+    _raw_decode_pass(files, columns)
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % 3:] + names[:r % 3]:
+            rows, seconds = _timed(lambda: sides[k](r))
+            rates[k].append(rows / seconds)
+    out = {f"{k}_rows_per_s": median(v) for k, v in rates.items()}
+    for raw in ("raw", "raw_mapped_checked"):
+        pairs = [a / b for a, b in zip(rates["reader"], rates[raw])]
+        out[f"reader_vs_{raw}"] = median(pairs)
+        out[f"reader_vs_{raw}_rounds"] = pairs
+        out[f"reader_vs_{raw}_best"] = max(rates["reader"]) / max(rates[raw])
+    return out
+
+
+def _loader_rates(stream, min_seconds: float, prefetch_factor: int) -> dict:
+    """Rows/s the main process receives from the stream's DataLoader workers, over whole epochs
+    until `min_seconds`: steady (from each epoch's first batch on: what a long epoch sees) and
+    with the workers' start (the DataLoader forks fresh workers every epoch)."""
     import torch
 
     from trainer.loader import make_loader
 
-    rows, epoch = 0, 0
-    t0 = time.perf_counter()
-    while True:
+    rows = steady_rows = 0
+    elapsed = steady = start = 0.0
+    epoch = 0
+    while elapsed < min_seconds:
         stream.set_epoch(epoch)
+        t0 = time.perf_counter()
+        first = None
         for batch in make_loader(stream, torch.device("cpu"), prefetch_factor):
+            now = time.perf_counter()
+            if first is None:
+                first = now
+                start += now - t0
+            else:
+                steady_rows += batch.batch_size
             rows += batch.batch_size
+        end = time.perf_counter()
+        elapsed += end - t0
+        steady += end - (first or end)
         epoch += 1
-        if time.perf_counter() - t0 >= min_seconds:
-            return rows / (time.perf_counter() - t0)
+    return {"steady_rows_per_s": steady_rows / steady if steady else 0.0, "rows_per_s": rows / elapsed,
+            "worker_start_ms": 1e3 * start / epoch, "epochs": epoch}
 
 
 @contextmanager
@@ -518,13 +576,12 @@ def _one_core():
         pa.set_io_thread_count(io)
 
 
-def data_only(cfg, workers: list[int] | None = None, min_seconds: float = 2.0) -> dict:
-    """Reader rows/s on one core next to raw pyarrow decode of the same files and columns, and
-    the reader's rows/s with 1..N DataLoader workers."""
+def data_only(cfg, workers: list[int] | None = None, rounds: int = 9, min_seconds: float = 3.0) -> dict:
+    """Reader rows/s on one core next to raw pyarrow decode of the same files and columns
+    (`_per_core_rounds`), and the rows/s 1..N DataLoader workers deliver (`_loader_rates`)."""
     from data.parquet import ParquetStream, list_parquet_files
     from data.schema import Schema
     from trainer.build import build_unsharded_model
-
     from trainer.host import keep_freed_memory
 
     if cfg.train.keep_freed_memory:  # as in training, whose workers fork from a tuned process
@@ -538,16 +595,21 @@ def data_only(cfg, workers: list[int] | None = None, min_seconds: float = 2.0) -
                              shuffle=True, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows, seed=cfg.data.seed)
 
     with _one_core():
-        raw = _raw_decode_rows_per_s(files, schema.columns, min_seconds)
-        reader = _reader_rows_per_s(stream(0), 0, min_seconds)
+        result = _per_core_rounds(stream(0), files, schema.columns, rounds)
     workers = workers or sorted({1, max(1, os.cpu_count() or 1)})
     scaling = {}
     for w in workers:
         with _one_core():  # the main process only collects; each worker decodes on one core
-            scaling[str(w)] = _reader_rows_per_s(stream(w), w, min_seconds, cfg.data.prefetch_factor)
-    return {"reader_rows_per_s_per_core": reader, "raw_decode_rows_per_s_per_core": raw,
-            "reader_vs_raw": reader / raw, "workers_rows_per_s": scaling,
-            "files": len(files), "columns": len(schema.columns), "batch_size": cfg.data.batch_size}
+            scaling[str(w)] = _loader_rates(stream(w), min_seconds, cfg.data.prefetch_factor)
+    base = scaling[str(workers[0])]["steady_rows_per_s"] / workers[0]
+    for w, rates in scaling.items():
+        rates["per_worker_vs_first"] = rates["steady_rows_per_s"] / int(w) / base if base else 0.0
+    result.update({"reader_rows_per_s_per_core": result["reader_rows_per_s"],
+                   "raw_decode_rows_per_s_per_core": result["raw_rows_per_s"],
+                   "reader_vs_raw": result["reader_vs_raw"], "workers": scaling, "rounds": rounds,
+                   "files": len(files), "columns": len(schema.columns), "batch_size": cfg.data.batch_size,
+                   "rows": sum(p.num_rows for p in stream(0).pieces), "cpus": os.cpu_count()})
+    return result
 
 
 # ------------------------------------------------------------------------------------ report
@@ -576,9 +638,18 @@ def format_table(result: dict) -> str:
 
 
 def format_data_only(result: dict) -> str:
-    lines = [f"reader (Parquet -> Batch), one core: {result['reader_rows_per_s_per_core']:,.0f} rows/s",
-             f"raw pyarrow decode (read_table + to_numpy), one core: {result['raw_decode_rows_per_s_per_core']:,.0f} rows/s",
-             f"reader / raw: {result['reader_vs_raw']:.2f}"]
-    for w, r in result["workers_rows_per_s"].items():
-        lines.append(f"  data.num_workers={w}: {r:,.0f} rows/s")
+    lines = [f"one core, {result['rounds']} interleaved rounds over {result['rows']:,} rows "
+             f"({result['files']} files, {result['columns']} columns, batch {result['batch_size']:,}); median rows/s:",
+             f"  reader (Parquet -> Batch, memory-mapped, page checksums verified) {result['reader_rows_per_s']:>12,.0f}",
+             f"  raw pyarrow decode (pq.read_table + to_numpy, defaults)           {result['raw_rows_per_s']:>12,.0f}",
+             f"  raw, memory-mapped and verifying page checksums                   "
+             f"{result['raw_mapped_checked_rows_per_s']:>12,.0f}",
+             f"reader / raw decode: {result['reader_vs_raw']:.2f} (median of the rounds' ratios; best over best "
+             f"{result['reader_vs_raw_best']:.2f}); reader / raw with the reader's I/O: "
+             f"{result['reader_vs_raw_mapped_checked']:.2f}",
+             f"DataLoader workers ({result['cpus']} CPUs; rows/s delivered to the main process):"]
+    for w, r in result["workers"].items():
+        lines.append(f"  data.num_workers={w}: {r['steady_rows_per_s']:>12,.0f} steady ({r['per_worker_vs_first']:.2f}x "
+                     f"the first count's rate per worker), {r['rows_per_s']:,.0f} with the workers' start "
+                     f"({r['worker_start_ms']:.0f} ms per epoch, {r['epochs']} epochs)")
     return "\n".join(lines)

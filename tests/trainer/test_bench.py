@@ -125,11 +125,25 @@ def test_data_only_reports_both_rates(tmp_path, capsys):
     from trainer.cli import main
 
     assert main(["bench", "--config", str(tiny_config(tmp_path)), "--data-only", "--rows", "4096",
-                 "--workers", "1"]) == 0
-    r = _json_line(capsys.readouterr().out)
-    assert r["reader_rows_per_s_per_core"] > 0 and r["raw_decode_rows_per_s_per_core"] > 0
-    assert r["reader_vs_raw"] == pytest.approx(r["reader_rows_per_s_per_core"] / r["raw_decode_rows_per_s_per_core"])
-    assert set(r["workers_rows_per_s"]) == {"1"} and r["workers_rows_per_s"]["1"] > 0
+                 "--workers", "1,2", "--rounds", "3"]) == 0
+    out = capsys.readouterr().out
+    r = _json_line(out)
+    assert r["rows"] == 4096 and r["rounds"] == 3
+    for side in ("reader", "raw", "raw_mapped_checked"):
+        assert r[f"{side}_rows_per_s"] > 0
+    for raw in ("raw", "raw_mapped_checked"):
+        rounds = r[f"reader_vs_{raw}_rounds"]
+        assert len(rounds) == 3 and r[f"reader_vs_{raw}"] == pytest.approx(sorted(rounds)[1])  # the median
+    assert r["reader_vs_raw_best"] > 0
+    assert set(r["workers"]) == {"1", "2"}
+    for w, rates in r["workers"].items():
+        assert rates["epochs"] >= 1 and rates["worker_start_ms"] > 0
+        # the steady rate leaves out each epoch's wait for its workers' first batch
+        assert rates["steady_rows_per_s"] > rates["rows_per_s"] > 0
+    assert r["workers"]["1"]["per_worker_vs_first"] == 1.0
+    assert r["workers"]["2"]["per_worker_vs_first"] == pytest.approx(
+        r["workers"]["2"]["steady_rows_per_s"] / 2 / r["workers"]["1"]["steady_rows_per_s"])
+    assert "reader / raw decode:" in out and "data.num_workers=2:" in out
 
 
 def test_parse_peer_output():

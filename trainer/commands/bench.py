@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
                    help="rows of synthetic Parquet written to data.train_path if it is missing (default 262144)")
     p.add_argument("--compare-peer", action="store_true",
                    help="also run ../shared/bench/peer_dlrm.sh, alternating with ours, and print the ratio")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each side with --compare-peer (default 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="runs of each side: with --compare-peer (default 2), with --data-only (default 9)")
     p.add_argument("--profile", metavar="DIR", default=None,
                    help="write a torch.profiler trace of the breakdown steps (TensorBoard: tensorboard --logdir DIR)")
     p.add_argument("--synthetic", choices=["parquet", "device"], default="parquet",
@@ -126,16 +127,17 @@ def run(args, peer=run_peer) -> int:
     cfg = _prepare(args)
     if args.data_only:
         workers = [int(w) for w in args.workers.split(",") if w.strip()] or None
-        result = data_only(cfg, workers)
+        result = data_only(cfg, workers, rounds=args.rounds or 9)
         print(format_data_only(result))
         print(json.dumps(result))
         return 0
     if args.compare_peer:
-        cmp = compare_rounds(lambda: run_once(args), peer, args.rounds)
+        rounds = args.rounds or 2
+        cmp = compare_rounds(lambda: run_once(args), peer, rounds)
         for i, (r, p) in enumerate(zip(cmp["results"], cmp["peer_samples_per_s"])):
             print(f"--- round {i + 1}: ours {r['samples_per_s']:,.0f} samples/s, peer {p:,.0f} samples/s")
             print(format_table(r))
-        print(f"ratio ours/peer (medians of {args.rounds}): {cmp['ratio']:.3f}   (bests: {cmp['ratio_best']:.3f})")
+        print(f"ratio ours/peer (medians of {rounds}): {cmp['ratio']:.3f}   (bests: {cmp['ratio_best']:.3f})")
         result = dict(cmp["results"][-1])
         result.update({k: v for k, v in cmp.items() if k != "results"})
         result["samples_per_s"] = cmp["ours_median"]  # the ratio's numerator
