@@ -135,12 +135,16 @@ class Schema:
 
 
 def signed_log1p(dense: np.ndarray) -> np.ndarray:
-    """sign(x) * log1p(|x|), elementwise, as a new array: the same bits whatever the layout, so
-    a window transformed at once equals its batches transformed one by one. (copysign, not a
-    multiplication by sign(x): the same values at a third of the cost; a -0.0 stays -0.0.)"""
-    out = np.abs(dense)
+    """sign(x) * log1p(|x|), elementwise on float32, as a new array: the same bits whatever the
+    layout, so a window transformed at once equals its batches transformed one by one. The sign
+    is x's sign bit ORed into log1p(|x|) (which is never negative): the bits np.copysign gives
+    at less than half its cost, and the values of a multiplication by np.sign(x) (a -0.0 stays
+    -0.0)."""
+    out = np.abs(dense, dtype=np.float32)
     np.log1p(out, out=out)
-    return np.copysign(out, dense, out=out)
+    bits = out.view(np.int32)
+    np.bitwise_or(bits, np.bitwise_and(np.asarray(dense, dtype=np.float32).view(np.int32), np.int32(-2 ** 31)), out=bits)
+    return out
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
