@@ -661,7 +661,7 @@ class ParquetStream(IterableDataset):
         self.carry: list[tuple[int, int, int]] | None = None
         self._file_cache: dict[str, pq.ParquetFile] = {}
         self._mapped: dict[str, int] = {}  # memory-mapped local file -> its size when mapped
-        self._rg_cache: tuple[tuple[str, int], pa.Table] | None = None
+        self._rg_cache: tuple[tuple[str, int], columnar.RowGroupColumns] | None = None
         # False: every batch through table_to_batch (the tests compare both paths on the same rows)
         self._columnar = True
         # Set by the DataLoader's owner before it forks workers (trainer/loader.py): batches
@@ -837,7 +837,7 @@ class ParquetStream(IterableDataset):
             raise DataError(f"{path}: changed after the run started ({why}); a dataset must not be rewritten "
                             f"while a run reads it: write new files under another name and start a new run")
 
-    def _row_group(self, piece: Piece) -> pa.Table:
+    def _row_group(self, piece: Piece) -> columnar.RowGroupColumns:
         key = (piece.path, piece.row_group)
         if self._rg_cache is None or self._rg_cache[0] != key:
             pf = self._parquet_file(piece.path)
@@ -850,17 +850,17 @@ class ParquetStream(IterableDataset):
             if table.num_rows != piece.num_rows:
                 raise DataError(f"{piece.path}: row group {piece.row_group} holds {table.num_rows} rows but its footer "
                                 f"says {piece.num_rows}; the file is corrupt: write or copy it again")
-            self._rg_cache = (key, table)
+            self._rg_cache = (key, columnar.RowGroupColumns(table))
         return self._rg_cache[1]
 
-    def _read_rows(self, pieces: list[Piece], lo: int, hi: int) -> list[pa.Table]:
-        """Rows [lo, hi) of the epoch's global row sequence, one table per row group."""
+    def _read_rows(self, pieces: list[Piece], lo: int, hi: int) -> list[columnar.Rows]:
+        """Rows [lo, hi) of the epoch's global row sequence, one part per row group."""
         parts, start = [], 0
         for piece in pieces:
             end = start + piece.num_rows
             if end > lo and start < hi:
                 a, b = max(lo, start) - start, min(hi, end) - start
-                parts.append(self._row_group(piece).slice(a, b - a))
+                parts.append(columnar.Rows(self._row_group(piece), a, b - a))
             if end >= hi:
                 break
             start = end
@@ -967,14 +967,14 @@ class ParquetStream(IterableDataset):
 
 class _Window:
     """One shuffle window of a slot: rows [start, start + n) of the epoch's row sequence as read
-    (one table per row group), the permutation that orders them (None: unshuffled), and their
+    (one part per row group), the permutation that orders them (None: unshuffled), and their
     columnar conversion, made when a batch first asks for it (None when these rows need
     `table_to_batch`)."""
 
-    __slots__ = ("tables", "start", "perm", "_table", "_columns", "_converted")
+    __slots__ = ("parts", "start", "perm", "_table", "_columns", "_converted")
 
-    def __init__(self, tables: list[pa.Table], start: int, perm: np.ndarray | None) -> None:
-        self.tables, self.start, self.perm = tables, start, perm
+    def __init__(self, parts: list[columnar.Rows], start: int, perm: np.ndarray | None) -> None:
+        self.parts, self.start, self.perm = parts, start, perm
         self._table: pa.Table | None = None
         self._columns: columnar.Columns | None = None
         self._converted = False
@@ -982,7 +982,7 @@ class _Window:
     def take(self, lo: int, hi: int) -> pa.Table:
         """The window's permuted rows [lo, hi) as one table (for `table_to_batch`)."""
         if self._table is None:
-            self._table = _concat(self.tables)
+            self._table = _concat([part.table for part in self.parts])
         if self.perm is None:
             return self._table.slice(lo, hi - lo)
         return self._table.take(pa.array(self.perm[lo:hi]))
@@ -993,7 +993,7 @@ class _Window:
 
     def columns(self, schema: Schema) -> columnar.Columns | None:
         if not self._converted:
-            self._columns, self._converted = columnar.Columns.convert(self.tables, self.perm, schema), True
+            self._columns, self._converted = columnar.Columns.convert(self.parts, self.perm, schema), True
         return self._columns
 
 
