@@ -55,20 +55,21 @@ PEER_LINE = re.compile(r"peer dlrm_main samples/s\s+([0-9.eE+]+)")
 # ------------------------------------------------------------------------------------ data
 
 
-def ensure_bench_data(path: str | Path, rows: int, num_embeddings: int) -> bool:
+def ensure_bench_data(path: str | Path, rows: int, num_embeddings: int,
+                      row_group_rows: int = BENCH_ROW_GROUP_ROWS) -> bool:
     """Write the bench's synthetic Parquet under `path` unless it is there with the same shape;
     True when written."""
     from data.synth import write_bench_data
 
     path = Path(path)
     meta = {"rows": rows, "num_embeddings": num_embeddings, "ids_per_feature": 1,
-            "row_group_rows": BENCH_ROW_GROUP_ROWS}
+            "row_group_rows": row_group_rows}
     marker = path / BENCH_META
     if marker.is_file() and json.loads(marker.read_text()) == meta:
         return False
     for old in path.glob("part-*.parquet"):
         old.unlink()
-    write_bench_data(path, rows, num_embeddings, row_group_rows=BENCH_ROW_GROUP_ROWS)
+    write_bench_data(path, rows, num_embeddings, row_group_rows=row_group_rows)
     marker.write_text(json.dumps(meta) + "\n")
     return True
 
@@ -501,22 +502,26 @@ def _timed(fn) -> tuple[int, float]:
     return rows, time.perf_counter() - t0
 
 
-def _per_core_rounds(stream, files: list[str], columns: list[str], rounds: int) -> dict:
+def _per_core_rounds(stream, unshuffled, files: list[str], columns: list[str], rounds: int) -> dict:
     """Reader and raw decode passes interleaved (the order rotating each round), so a slower
     stretch of a shared machine lands on both sides: rows/s of each side (median over rounds),
     and the reader's ratios to each raw variant as the median of the rounds' ratios (and as
-    best over best)."""
+    best over best). `unshuffled`: the same reader without the shuffle buffer, to show what
+    shuffling costs."""
     sides = {
         "reader": lambda r: _reader_pass(stream, r),
+        "reader_unshuffled": lambda r: _reader_pass(unshuffled, r),
         "raw": lambda r: _raw_decode_pass(files, columns),
         "raw_mapped_checked": lambda r: _raw_decode_pass(files, columns, mapped_checked=True),
     }
     names = list(sides)
     _reader_pass(stream, 0)  # warm: files opened and mapped, page cache filled
+    _reader_pass(unshuffled, 0)
     _raw_decode_pass(files, columns)
     rates: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
-        for k in names[r % 3:] + names[:r % 3]:
+        turn = r % len(names)
+        for k in names[turn:] + names[:turn]:
             rows, seconds = _timed(lambda: sides[k](r))
             rates[k].append(rows / seconds)
     out = {f"{k}_rows_per_s": median(v) for k, v in rates.items()}
@@ -590,12 +595,12 @@ def data_only(cfg, workers: list[int] | None = None, rounds: int = 9, min_second
     assert isinstance(schema, Schema)
     _, files = list_parquet_files(cfg.data.train_path)
 
-    def stream(num_workers: int) -> ParquetStream:
+    def stream(num_workers: int, shuffle: bool = True) -> ParquetStream:
         return ParquetStream(cfg.data.train_path, schema, batch_size=cfg.data.batch_size, num_workers=num_workers,
-                             shuffle=True, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows, seed=cfg.data.seed)
+                             shuffle=shuffle, shuffle_buffer_rows=cfg.data.shuffle_buffer_rows, seed=cfg.data.seed)
 
     with _one_core():
-        result = _per_core_rounds(stream(0), files, schema.columns, rounds)
+        result = _per_core_rounds(stream(0), stream(0, shuffle=False), files, schema.columns, rounds)
     workers = workers or sorted({1, max(1, os.cpu_count() or 1)})
     scaling = {}
     for w in workers:
@@ -641,6 +646,8 @@ def format_data_only(result: dict) -> str:
     lines = [f"one core, {result['rounds']} interleaved rounds over {result['rows']:,} rows "
              f"({result['files']} files, {result['columns']} columns, batch {result['batch_size']:,}); median rows/s:",
              f"  reader (Parquet -> Batch, memory-mapped, page checksums verified) {result['reader_rows_per_s']:>12,.0f}",
+             f"  the same reader without the shuffle buffer                        "
+             f"{result['reader_unshuffled_rows_per_s']:>12,.0f}",
              f"  raw pyarrow decode (pq.read_table + to_numpy, defaults)           {result['raw_rows_per_s']:>12,.0f}",
              f"  raw, memory-mapped and verifying page checksums                   "
              f"{result['raw_mapped_checked_rows_per_s']:>12,.0f}",

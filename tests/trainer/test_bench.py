@@ -129,7 +129,7 @@ def test_data_only_reports_both_rates(tmp_path, capsys):
     out = capsys.readouterr().out
     r = _json_line(out)
     assert r["rows"] == 4096 and r["rounds"] == 3
-    for side in ("reader", "raw", "raw_mapped_checked"):
+    for side in ("reader", "reader_unshuffled", "raw", "raw_mapped_checked"):
         assert r[f"{side}_rows_per_s"] > 0
     for raw in ("raw", "raw_mapped_checked"):
         rounds = r[f"reader_vs_{raw}_rounds"]

@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                    help="steps of the instrumented phase (default: --steps)")
     p.add_argument("--rows", type=int, default=DEFAULT_ROWS,
                    help="rows of synthetic Parquet written to data.train_path if it is missing (default 262144)")
+    p.add_argument("--row-group-rows", type=int, default=65536,
+                   help="rows per row group of that synthetic Parquet (default 65536, as `rectrain data criteo` "
+                        "writes; a different value rewrites the data)")
     p.add_argument("--compare-peer", action="store_true",
                    help="also run ../shared/bench/peer_dlrm.sh, alternating with ours, and print the ratio")
     p.add_argument("--rounds", type=int, default=None,
@@ -60,7 +63,7 @@ def add_parser(sub) -> None:
 
 def _worker_args(args) -> list[str]:
     out = ["bench", "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--rows", str(args.rows)]
+           "--rows", str(args.rows), "--row-group-rows", str(args.row_group_rows)]
     for o in args.overrides:
         out += ["--set", o]
     if args.profile:
@@ -76,8 +79,10 @@ def _prepare(args):
     if args.steps < 1 or min(args.warmup, args.rss_every, args.threads, args.breakdown_steps) < 0:
         raise ConfigError("rectrain bench: --steps must be >= 1, and --warmup, --breakdown-steps, --rss-every and "
                           "--threads >= 0")
+    if args.row_group_rows < 1:
+        raise ConfigError(f"rectrain bench: --row-group-rows must be >= 1, got {args.row_group_rows}")
     cfg = load_config(args.config, args.overrides)
-    if ensure_bench_data(cfg.data.train_path, args.rows, bench_num_embeddings(cfg)):
+    if ensure_bench_data(cfg.data.train_path, args.rows, bench_num_embeddings(cfg), args.row_group_rows):
         print(f"wrote {args.rows} synthetic rows to {cfg.data.train_path}", file=sys.stderr)
     return cfg
 
