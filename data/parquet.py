@@ -54,8 +54,11 @@ Rows are named by their file-relative, 0-based index.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -93,6 +96,7 @@ class Piece:
     row_group: int
     num_rows: int
     first_row: int = 0  # file-relative index of the row group's first row
+    span: tuple[int, int] = (0, 0)  # bytes [lo, hi) of the file its column chunks occupy (those read)
 
 
 def one_line(e: BaseException | str) -> str:
@@ -178,8 +182,11 @@ def _leaf_columns(pf: pq.ParquetFile) -> list[str]:
     return names
 
 
-def check_chunk_ranges(path: str, pf: pq.ParquetFile, size: int, columns: list[str] | None = None) -> None:
-    """Every column chunk (of `columns`, or all) lies between the header magic and the footer."""
+def check_chunk_ranges(path: str, pf: pq.ParquetFile, size: int,
+                       columns: list[str] | None = None) -> dict[int, tuple[int, int]]:
+    """Every column chunk (of `columns`, or all) lies between the header magic and the footer;
+    returns each row group's byte span [lo, hi) over those chunks."""
+    spans: dict[int, tuple[int, int]] = {}
     meta = pf.metadata
     data_end = size - 8 - meta.serialized_size
     leaves = _leaf_columns(pf)
@@ -201,6 +208,9 @@ def check_chunk_ranges(path: str, pf: pq.ParquetFile, size: int, columns: list[s
                     f"{path}: row group {rg} column {leaves[i]!r} lies outside the file's data (bytes {start}-{end}, "
                     f"data ends at byte {data_end} of {size}); the footer does not match the data (truncated or "
                     f"patched file); write or copy it again")
+            lo, hi = spans.get(rg, (start, end))
+            spans[rg] = (min(lo, start), max(hi, end))
+    return spans
 
 
 def validate_file_schema(path: str, arrow_schema: pa.Schema, schema: Schema) -> None:
@@ -261,12 +271,12 @@ def discover_pieces(uri: str, schema: Schema) -> tuple[pafs.FileSystem, list[Pie
                 first = (path, arrow_schema)
             else:
                 compare_file_schema(path, arrow_schema, *first, columns)
-            check_chunk_ranges(path, pf, size, columns)
+            spans = check_chunk_ranges(path, pf, size, columns)
             row, file_pieces = 0, []
             for rg in range(meta.num_row_groups):
                 n = meta.row_group(rg).num_rows
                 if n:
-                    file_pieces.append(Piece(path, rg, n, row))
+                    file_pieces.append(Piece(path, rg, n, row, spans.get(rg, (0, 0))))
                 row += n
             for piece in suspect_pieces(pf, file_pieces, schema):
                 _check_piece(pf, piece, schema)
@@ -661,6 +671,7 @@ class ParquetStream(IterableDataset):
         self.carry: list[tuple[int, int, int]] | None = None
         self._file_cache: dict[str, pq.ParquetFile] = {}
         self._mapped: dict[str, int] = {}  # memory-mapped local file -> its size when mapped
+        self._map_base: dict[str, pa.Buffer] = {}  # ... -> the whole mapping as a buffer (its address)
         self._rg_cache: tuple[tuple[str, int], columnar.RowGroupColumns] | None = None
         # False: every batch through table_to_batch (the tests compare both paths on the same rows)
         self._columnar = True
@@ -810,6 +821,8 @@ class ParquetStream(IterableDataset):
                     # copied into a buffer per column chunk first (about 0.1x of the decode).
                     source = pa.memory_map(path)
                     self._mapped[path] = source.size()
+                    self._map_base[path] = source.read_buffer(source.size())  # the mapping itself, no copy
+                    source.seek(0)
                 else:
                     source = self.fs.open_input_file(path)
                 pf = pq.ParquetFile(source, page_checksum_verification=True)
@@ -850,6 +863,9 @@ class ParquetStream(IterableDataset):
             if table.num_rows != piece.num_rows:
                 raise DataError(f"{piece.path}: row group {piece.row_group} holds {table.num_rows} rows but its footer "
                                 f"says {piece.num_rows}; the file is corrupt: write or copy it again")
+            mapping = self._map_base.get(piece.path)
+            if mapping is not None:
+                _drop_pages(mapping, *piece.span)
             self._rg_cache = (key, columnar.RowGroupColumns(table))
         return self._rg_cache[1]
 
@@ -995,6 +1011,31 @@ class _Window:
         if not self._converted:
             self._columns, self._converted = columnar.Columns.convert(self.parts, self.perm, schema), True
         return self._columns
+
+
+def _madvise():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+_MADVISE = _madvise()
+_MADV_DONTNEED = 4  # Linux and macOS
+
+
+def _drop_pages(mapping: pa.Buffer, lo: int, hi: int) -> None:
+    """Take a decoded row group's file pages out of this process's mapping: a worker reading a
+    large dataset would otherwise count every page it mapped in its resident memory (the page
+    cache keeps them; touching them again just maps them again)."""
+    page = mmap.PAGESIZE
+    lo, hi = max(0, lo) // page * page, min(hi, mapping.size)
+    if _MADVISE is None or hi <= lo:
+        return
+    _MADVISE(mapping.address + lo, hi - lo, _MADV_DONTNEED)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:

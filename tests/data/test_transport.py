@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from pathlib import Path
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
@@ -189,3 +190,38 @@ def test_a_file_replaced_under_its_name_keeps_reading_the_mapped_one(tmp_path):
     os.replace(other, path)
     rest = [b.dense for b in it]
     assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip([first, *rest], whole))
+
+
+def _rss_file_kib() -> int | None:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    found = [int(line.split()[1]) for line in lines if line.startswith("RssFile:")]
+    return found[0] if found else None
+
+
+@pytest.mark.skipif(_rss_file_kib() is None, reason="needs Linux's /proc/self/status RssFile")
+def test_mapped_pages_leave_resident_memory_once_decoded(tmp_path):
+    """A pass over 64 MiB of mapped files leaves a few row groups' pages resident, not the
+    dataset: each row group's pages are dropped from the mapping once it is decoded."""
+    rng = np.random.default_rng(0)
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir(), big.mkdir()
+    pq.write_table(_table(0, 64), small / "a.parquet")
+    for k in range(4):
+        n = 1 << 19
+        t = pa.table({"label": pa.array(np.zeros(n, dtype=np.int64)), "d0": pa.array(np.ones(n, dtype=np.float32)),
+                      "d1": pa.array(np.ones(n, dtype=np.float32)), "s": pa.array(rng.integers(0, 100, n)),
+                      "t": pa.array(rng.integers(0, 1 << 40, n))})  # ids no codec shrinks
+        pq.write_table(t, big / f"part-{k}.parquet", row_group_size=1 << 16, compression="none",
+                       use_dictionary=False)
+    size = sum(f.stat().st_size for f in big.iterdir())
+    assert size > 60 << 20
+    list(ParquetStream(str(small), SCHEMA, batch_size=16))  # code pages of the read path, loaded once
+    stream = ParquetStream(str(big), SCHEMA, batch_size=1 << 14, shuffle=True, shuffle_buffer_rows=1 << 15)
+    before = _rss_file_kib()
+    rows = sum(b.batch_size for b in stream)
+    grown = (_rss_file_kib() - before) << 10
+    assert rows == 4 << 19 and len(stream._mapped) == 4
+    assert grown < size // 4, f"{grown >> 20} MiB of the files stayed mapped"
