@@ -81,6 +81,7 @@ from data.transport import BatchRing
 log = logging.getLogger("rectrain")
 
 _UNSHUFFLED_WINDOW = 1 << 16
+_MAP_BUDGET = 256 << 20  # bytes of decoded row groups' file pages a stream leaves mapped
 _MAGIC = b"PAR1"
 READ_ERRORS = (pa.ArrowException, OSError)
 
@@ -672,6 +673,9 @@ class ParquetStream(IterableDataset):
         self._file_cache: dict[str, pq.ParquetFile] = {}
         self._mapped: dict[str, int] = {}  # memory-mapped local file -> its size when mapped
         self._map_base: dict[str, pa.Buffer] = {}  # ... -> the whole mapping as a buffer (its address)
+        self.map_budget = _MAP_BUDGET
+        self._decoded_spans: list[tuple[pa.Buffer, int, int]] = []
+        self._decoded_bytes = 0
         self._rg_cache: tuple[tuple[str, int], columnar.RowGroupColumns] | None = None
         # False: every batch through table_to_batch (the tests compare both paths on the same rows)
         self._columnar = True
@@ -850,6 +854,22 @@ class ParquetStream(IterableDataset):
             raise DataError(f"{path}: changed after the run started ({why}); a dataset must not be rewritten "
                             f"while a run reads it: write new files under another name and start a new run")
 
+    def _decoded_from_map(self, piece: Piece) -> None:
+        """Count a decoded row group's mapped file pages; past `map_budget` bytes, take every
+        decoded row group's pages out of the mapping. Mapped pages a process touched count in
+        its resident memory, so a worker reading a large dataset would otherwise grow by all it
+        read; below the budget they stay mapped, so the next pass over a small dataset does not
+        map them again (which costs about 5% of the reader in one process)."""
+        mapping = self._map_base.get(piece.path)
+        if mapping is None:
+            return
+        self._decoded_spans.append((mapping, *piece.span))
+        self._decoded_bytes += piece.span[1] - piece.span[0]
+        if self._decoded_bytes > self.map_budget:
+            for span in self._decoded_spans:
+                _drop_pages(*span)
+            self._decoded_spans, self._decoded_bytes = [], 0
+
     def _row_group(self, piece: Piece) -> columnar.RowGroupColumns:
         key = (piece.path, piece.row_group)
         if self._rg_cache is None or self._rg_cache[0] != key:
@@ -863,9 +883,7 @@ class ParquetStream(IterableDataset):
             if table.num_rows != piece.num_rows:
                 raise DataError(f"{piece.path}: row group {piece.row_group} holds {table.num_rows} rows but its footer "
                                 f"says {piece.num_rows}; the file is corrupt: write or copy it again")
-            mapping = self._map_base.get(piece.path)
-            if mapping is not None:
-                _drop_pages(mapping, *piece.span)
+            self._decoded_from_map(piece)
             self._rg_cache = (key, columnar.RowGroupColumns(table))
         return self._rg_cache[1]
 
@@ -1028,9 +1046,8 @@ _MADV_DONTNEED = 4  # Linux and macOS
 
 
 def _drop_pages(mapping: pa.Buffer, lo: int, hi: int) -> None:
-    """Take a decoded row group's file pages out of this process's mapping: a worker reading a
-    large dataset would otherwise count every page it mapped in its resident memory (the page
-    cache keeps them; touching them again just maps them again)."""
+    """Take file bytes [lo, hi) out of this process's mapping (the page cache keeps them;
+    touching them again maps them again)."""
     page = mmap.PAGESIZE
     lo, hi = max(0, lo) // page * page, min(hi, mapping.size)
     if _MADVISE is None or hi <= lo:
