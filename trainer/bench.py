@@ -548,8 +548,10 @@ def _per_core_rounds(stream, unshuffled, files: list[str], columns: list[str], r
 
 def _loader_rates(stream, min_seconds: float, prefetch_factor: int) -> dict:
     """Rows/s the main process receives from the stream's DataLoader workers, over whole epochs
-    until `min_seconds`: steady (from each epoch's first batch on: what a long epoch sees) and
-    with the workers' start (the DataLoader forks fresh workers every epoch)."""
+    until `min_seconds`: steady, while every worker is delivering (from the last worker's first
+    batch to the first worker's last: what the middle of a long epoch sees), and with the
+    workers' start and end (the DataLoader forks fresh workers every epoch, and on a small
+    dataset their start is a large part of an epoch)."""
     import torch
 
     from trainer.loader import make_loader
@@ -557,22 +559,23 @@ def _loader_rates(stream, min_seconds: float, prefetch_factor: int) -> dict:
     rows = steady_rows = 0
     elapsed = steady = start = 0.0
     epoch = 0
-    while elapsed < min_seconds:
+    while epoch == 0 or elapsed < min_seconds:
         stream.set_epoch(epoch)
         t0 = time.perf_counter()
-        first = None
+        arrivals = []  # (time, reader slot, rows)
         for batch in make_loader(stream, torch.device("cpu"), prefetch_factor):
-            now = time.perf_counter()
-            if first is None:
-                first = now
-                start += now - t0
-            else:
-                steady_rows += batch.batch_size
-            rows += batch.batch_size
-        end = time.perf_counter()
-        elapsed += end - t0
-        steady += end - (first or end)
+            arrivals.append((time.perf_counter(), batch.slot, batch.batch_size))
+        elapsed += time.perf_counter() - t0
         epoch += 1
+        if not arrivals:
+            continue
+        rows += sum(n for _, _, n in arrivals)
+        start += arrivals[0][0] - t0
+        first = max(min(t for t, s, _ in arrivals if s == slot) for slot in {s for _, s, _ in arrivals})
+        last = min(max(t for t, s, _ in arrivals if s == slot) for slot in {s for _, s, _ in arrivals})
+        if last > first:
+            steady += last - first
+            steady_rows += sum(n for t, _, n in arrivals if first < t <= last)
     return {"steady_rows_per_s": steady_rows / steady if steady else 0.0, "rows_per_s": rows / elapsed,
             "worker_start_ms": 1e3 * start / epoch, "epochs": epoch}
 

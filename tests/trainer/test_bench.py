@@ -138,12 +138,37 @@ def test_data_only_reports_both_rates(tmp_path, capsys):
     assert set(r["workers"]) == {"1", "2"}
     for w, rates in r["workers"].items():
         assert rates["epochs"] >= 1 and rates["worker_start_ms"] > 0
-        # the steady rate leaves out each epoch's wait for its workers' first batch
-        assert rates["steady_rows_per_s"] > rates["rows_per_s"] > 0
+        assert rates["steady_rows_per_s"] > 0 and rates["rows_per_s"] > 0
     assert r["workers"]["1"]["per_worker_vs_first"] == 1.0
     assert r["workers"]["2"]["per_worker_vs_first"] == pytest.approx(
         r["workers"]["2"]["steady_rows_per_s"] / 2 / r["workers"]["1"]["steady_rows_per_s"])
     assert "reader / raw decode:" in out and "data.num_workers=2:" in out
+
+
+def test_loader_steady_rate_counts_only_while_every_worker_delivers(monkeypatch):
+    """The steady window runs from the last worker's first batch to the first worker's last;
+    the rate is the rows that arrived inside it over its length."""
+    from types import SimpleNamespace
+
+    import trainer.bench as bench
+    import trainer.loader as loader
+
+    # slot 0 delivers at t = 1, 2, 3, 4; slot 1 at t = 2.5, 3.5, 4.5; batches of 10 rows
+    arrivals = [(1.0, 0), (2.0, 0), (2.5, 1), (3.0, 0), (3.5, 1), (4.0, 0), (4.5, 1)]
+    clock = iter([0.0] + [t for t, _ in arrivals] + [5.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+
+    class Stream:
+        def set_epoch(self, epoch):
+            pass
+
+    monkeypatch.setattr(loader, "make_loader", lambda stream, device, prefetch: iter(
+        [SimpleNamespace(slot=s, batch_size=10) for _, s in arrivals]))
+    r = bench._loader_rates(Stream(), min_seconds=0.0, prefetch_factor=2)
+    # window (2.5, 4.0]: the batches at 3.0, 3.5 and 4.0
+    assert r["steady_rows_per_s"] == pytest.approx(30 / 1.5)
+    assert r["rows_per_s"] == pytest.approx(70 / 5.0) and r["worker_start_ms"] == pytest.approx(1000.0)
+    assert r["epochs"] == 1
 
 
 def test_parse_peer_output():
