@@ -54,12 +54,14 @@ class BatchRing:
         _RINGS[self.token] = self
 
     @classmethod
-    def for_batches(cls, num_workers: int, outstanding: int, batch_size: int, num_dense: int, num_labels: int,
+    def for_batches(cls, num_workers: int, prefetch_factor: int, batch_size: int, num_dense: int, num_labels: int,
                     num_features: int, weighted: bool) -> "BatchRing":
-        """A ring whose slots hold a batch of one id per feature, with a slot for every batch
-        the DataLoader can have on its way (`outstanding`, its prefetch_factor x num_workers)."""
+        """A ring whose slots hold a batch of one id per feature, `prefetch_factor` + 1 slots a
+        worker: the DataLoader hands out tasks to its workers in turn, so while all of them
+        read, each has at most `prefetch_factor` batches on their way. (At the end of an epoch,
+        a worker that outlives the others may be given more; those batches go inline.)"""
         per_row = 4 * (num_dense + num_labels + 1) + num_features * (8 + 4 + (4 if weighted else 0))
-        return cls(num_workers, outstanding + 1, batch_size * per_row + 16 * _ALIGN)
+        return cls(num_workers, prefetch_factor + 1, batch_size * per_row + 16 * _ALIGN)
 
     def __reduce__(self):
         return _not_inherited, ()

@@ -23,7 +23,7 @@ class _Loader(DataLoader):
         stream, ring = self.dataset, None
         if self.num_workers:
             schema = stream.schema
-            ring = BatchRing.for_batches(self.num_workers, self.prefetch_factor * self.num_workers, stream.batch_size,
+            ring = BatchRing.for_batches(self.num_workers, self.prefetch_factor, stream.batch_size,
                                          schema.num_dense, len(schema.label_columns), len(schema.features),
                                          schema.weighted)
         stream.transport = ring

@@ -79,10 +79,13 @@ def test_workers_deliver_through_the_ring_what_they_build(dataset, monkeypatch):
         assert_same_batch(b, reference[(b.slot, b.position)])
         b.dense += 1  # writable, and nobody else's memory
     assert sum(b.batch_size for b in got) == 240
-    assert len(taken) == 16 and {w for w, _ in taken} == {0, 1}
-    # each worker filled its slots in turn: prefetch 2 x 2 workers + 1 = 5 slots
+    # nearly every batch came through a slot (a worker that outlives the other at the end of the
+    # epoch may send its last ones inline), and each worker filled its slots in turn: prefetch
+    # 2 + 1 = 3 slots
+    assert len(taken) >= 12 and {w for w, _ in taken} == {0, 1}
     for w in (0, 1):
-        assert [s for v, s in taken if v == w] == [i % 5 for i in range(8)]
+        mine = [s for v, s in taken if v == w]
+        assert mine == [i % 3 for i in range(len(mine))]
 
 
 def test_a_batch_round_trips_through_a_slot_and_frees_it(dataset):
@@ -127,7 +130,7 @@ def test_slot_size_for_a_full_batch():
     """for_batches sizes slots for batch_size rows of one id per feature, weighted or not."""
     batch = Batch(dense=torch.zeros(64, 13), labels=torch.zeros(64, 2), weights=torch.ones(64),
                   sparse=_kjt(26, 64, weighted=True))
-    ring = BatchRing.for_batches(1, outstanding=2, batch_size=64, num_dense=13, num_labels=2, num_features=26,
+    ring = BatchRing.for_batches(1, prefetch_factor=2, batch_size=64, num_dense=13, num_labels=2, num_features=26,
                                  weighted=True)
     assert ring.slots == 3
     assert isinstance(ring.put(0, batch), _InSlot)
