@@ -2,10 +2,12 @@
 
 Why it exists. `table_to_batch` turns one batch into tensors column by column, with a few pyarrow
 and numpy calls per column. On Criteo-shaped data (40 columns, batches of 2,048 rows) that fixed
-cost per batch and column is larger than decoding the Parquet itself. Here a window's columns are
-read out of their Arrow buffers into two arrays (ids, floats), checked, mapped and transformed
-with one numpy call per array where the values allow it, put in the window's shuffled order with
-one gather each, and a batch is a slice of the window's arrays.
+cost per batch and column is larger than decoding the Parquet itself. Here a decoded row group's
+columns are read out of their Arrow buffers once (`RowGroupColumns`: views where the buffer is
+already int64 or float32 without nulls), each shuffle window taking rows from it is checked,
+mapped and transformed a column at a time (the dense values and labels as one [L + D, n] array)
+and put in its shuffled order with one gather per column, and a batch is a copy of a slice of the
+window's arrays.
 
 When it applies. Schemas without weight columns, passthrough columns or absent features
 (`applies`), and windows whose every sparse column is a scalar integer column (a null id is
@@ -303,9 +305,8 @@ Part = tuple[Columns, int, int]
 
 
 def _rows(parts: list[Part], name: str, axis: int = 0) -> np.ndarray:
-    """The batch's rows of a window array, as a fresh array (a batch must not share a window's
-    memory: it would keep the window alive, and a consumer writing into its batch would write
-    into the batches after it)."""
+    """The batch's rows of a window array as a fresh contiguous array (an id slice [:, lo:hi] is
+    not contiguous, and a batch that viewed the window would keep all of it alive)."""
     pieces = [getattr(c, name)[lo:hi] if axis == 0 else getattr(c, name)[:, lo:hi] for c, lo, hi in parts]
     return np.concatenate(pieces, axis=axis) if len(pieces) > 1 else pieces[0].copy()
 

@@ -846,20 +846,19 @@ class ParquetStream(IterableDataset):
             return
         try:
             size = os.stat(path).st_size
-        except OSError as e:
-            size, why = -1, one_line(e)
-        else:
-            why = f"{size} bytes now, {mapped} when the run started"
+        except OSError:  # removed (or replaced by nothing yet): the mapped file lives on
+            return
         if size < mapped:
-            raise DataError(f"{path}: changed after the run started ({why}); a dataset must not be rewritten "
-                            f"while a run reads it: write new files under another name and start a new run")
+            raise DataError(f"{path}: changed after the run started ({size} bytes now, {mapped} when the run "
+                            f"started); a dataset must not be rewritten while a run reads it: write new files "
+                            f"under another name and start a new run")
 
     def _decoded_from_map(self, piece: Piece) -> None:
         """Count a decoded row group's mapped file pages; past `map_budget` bytes, take every
         decoded row group's pages out of the mapping. Mapped pages a process touched count in
         its resident memory, so a worker reading a large dataset would otherwise grow by all it
-        read; below the budget they stay mapped, so the next pass over a small dataset does not
-        map them again (which costs about 5% of the reader in one process)."""
+        read; below the budget they stay mapped, so the next pass over a small dataset finds them
+        mapped."""
         mapping = self._map_base.get(piece.path)
         if mapping is None:
             return
