@@ -671,8 +671,7 @@ class ParquetStream(IterableDataset):
         self.base_slots = self.num_slots
         self.carry: list[tuple[int, int, int]] | None = None
         self._file_cache: dict[str, pq.ParquetFile] = {}
-        self._mapped: dict[str, int] = {}  # memory-mapped local file -> its size when mapped
-        self._map_base: dict[str, pa.Buffer] = {}  # ... -> the whole mapping as a buffer (its address)
+        self._maps: dict[str, pa.Buffer] = {}  # memory-mapped local file -> the whole mapping, no copy
         self.map_budget = _MAP_BUDGET
         self._decoded_spans: list[tuple[pa.Buffer, int, int]] = []
         self._decoded_bytes = 0
@@ -824,8 +823,7 @@ class ParquetStream(IterableDataset):
                     # Mapped: pages are decoded straight out of the page cache instead of being
                     # copied into a buffer per column chunk first (about 0.1x of the decode).
                     source = pa.memory_map(path)
-                    self._mapped[path] = source.size()
-                    self._map_base[path] = source.read_buffer(source.size())  # the mapping itself, no copy
+                    self._maps[path] = source.read_buffer(source.size())
                     source.seek(0)
                 else:
                     source = self.fs.open_input_file(path)
@@ -836,14 +834,20 @@ class ParquetStream(IterableDataset):
             self._file_cache[path] = pf
         return pf
 
+    @property
+    def _mapped(self) -> dict[str, int]:
+        """Each memory-mapped file's size when it was mapped."""
+        return {path: mapping.size for path, mapping in self._maps.items()}
+
     def _check_still_whole(self, path: str) -> None:
         """A mapped file that shrank since it was mapped would kill the process with SIGBUS on
         the first page past its new end: refuse it with the file's name instead. (Replacing a
         file, or removing it, leaves the mapping whole; rewriting it in place at the same size
         is what the page checksums catch.)"""
-        mapped = self._mapped.get(path)
-        if mapped is None:
+        mapping = self._maps.get(path)
+        if mapping is None:
             return
+        mapped = mapping.size
         try:
             size = os.stat(path).st_size
         except OSError:  # removed (or replaced by nothing yet): the mapped file lives on
@@ -859,7 +863,7 @@ class ParquetStream(IterableDataset):
         its resident memory, so a worker reading a large dataset would otherwise grow by all it
         read; below the budget they stay mapped, so the next pass over a small dataset finds them
         mapped."""
-        mapping = self._map_base.get(piece.path)
+        mapping = self._maps.get(piece.path)
         if mapping is None:
             return
         self._decoded_spans.append((mapping, *piece.span))

@@ -55,8 +55,7 @@ PEER_LINE = re.compile(r"peer dlrm_main samples/s\s+([0-9.eE+]+)")
 # ------------------------------------------------------------------------------------ data
 
 
-def ensure_bench_data(path: str | Path, rows: int, num_embeddings: int,
-                      row_group_rows: int = BENCH_ROW_GROUP_ROWS) -> bool:
+def ensure_bench_data(path: str | Path, rows: int, num_embeddings: int, row_group_rows: int) -> bool:
     """Write the bench's synthetic Parquet under `path` unless it is there with the same shape;
     True when written."""
     from data.synth import write_bench_data
@@ -519,18 +518,16 @@ def _per_core_rounds(stream, unshuffled, files: list[str], columns: list[str], r
     and the reader's ratios to each raw variant as the median of the rounds' ratios (and as
     best over best). `unshuffled`: the same reader without the shuffle buffer, to show what
     shuffling costs."""
+    mapped = _mapped_checked(files)
     sides = {
         "reader": lambda r: _reader_pass(stream, r),
         "reader_unshuffled": lambda r: _reader_pass(unshuffled, r),
         "raw": lambda r: _raw_decode_pass(files, columns),
         "raw_mapped_checked": lambda r: _raw_decode_pass(mapped, columns),
     }
-    mapped = _mapped_checked(files)
     names = list(sides)
-    _reader_pass(stream, 0)  # warm: files opened and mapped, page cache filled
-    _reader_pass(unshuffled, 0)
-    _raw_decode_pass(files, columns)
-    _raw_decode_pass(mapped, columns)
+    for side in sides.values():  # warm: files opened and mapped, page cache filled
+        side(0)
     rates: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         turn = r % len(names)
@@ -571,8 +568,11 @@ def _loader_rates(stream, min_seconds: float, prefetch_factor: int) -> dict:
             continue
         rows += sum(n for _, _, n in arrivals)
         start += arrivals[0][0] - t0
-        first = max(min(t for t, s, _ in arrivals if s == slot) for slot in {s for _, s, _ in arrivals})
-        last = min(max(t for t, s, _ in arrivals if s == slot) for slot in {s for _, s, _ in arrivals})
+        spans: dict[int, tuple[float, float]] = {}  # reader slot -> (first, last) arrival; times ascend
+        for t, slot, _ in arrivals:
+            spans[slot] = (spans.get(slot, (t, t))[0], t)
+        first = max(a for a, _ in spans.values())
+        last = min(b for _, b in spans.values())
         if last > first:
             steady += last - first
             steady_rows += sum(n for t, _, n in arrivals if first < t <= last)

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer.bench import BENCH_ROW_GROUP_ROWS
 from trainer.commands.common import add_config_args
 from trainer.config import ConfigError, load_config
 from trainer.errors import RunError
@@ -36,9 +37,9 @@ def add_parser(sub) -> None:
                    help="steps of the instrumented phase (default: --steps)")
     p.add_argument("--rows", type=int, default=DEFAULT_ROWS,
                    help="rows of synthetic Parquet written to data.train_path if it is missing (default 262144)")
-    p.add_argument("--row-group-rows", type=int, default=65536,
-                   help="rows per row group of that synthetic Parquet (default 65536, as `rectrain data criteo` "
-                        "writes; a different value rewrites the data)")
+    p.add_argument("--row-group-rows", type=int, default=BENCH_ROW_GROUP_ROWS,
+                   help=f"rows per row group of that synthetic Parquet (default {BENCH_ROW_GROUP_ROWS}, as "
+                        f"`rectrain data criteo` writes; a different value rewrites the data)")
     p.add_argument("--compare-peer", action="store_true",
                    help="also run ../shared/bench/peer_dlrm.sh, alternating with ours, and print the ratio")
     p.add_argument("--rounds", type=int, default=None,
