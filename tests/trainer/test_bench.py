@@ -71,6 +71,20 @@ def test_bench_json_is_consistent(tmp_path, capsys):
     assert r["peak_rss_mb"][0]["main"] > 100
 
 
+def test_profile_writes_a_tensorboard_trace_with_a_range_per_stage(tmp_path, capsys):
+    from trainer.cli import main
+
+    trace_dir = tmp_path / "trace"
+    assert main(["bench", "--config", str(tiny_config(tmp_path)), "--steps", "2", "--warmup", "1",
+                 "--rows", "1024", "--profile", str(trace_dir)]) == 0
+    assert _json_line(capsys.readouterr().out)["profile_dir"] == str(trace_dir)
+    traces = list(trace_dir.glob("rank0*.pt.trace.json"))
+    assert len(traces) == 1  # what `tensorboard --logdir DIR` (PyTorch Profiler) reads
+    text = traces[0].read_text()
+    for stage in ("data", "input_a2a", "emb_fwd", "forward", "backward", "optimizer"):
+        assert f"## bench {stage} ##" in text, stage
+
+
 def test_device_batches_and_memory_samples(tmp_path, capsys):
     """--synthetic device: batches made up front in the shape of the schema, ids inside each
     table; --rss-every samples memory once per N throughput steps."""
