@@ -681,6 +681,10 @@ class ParquetStream(IterableDataset):
         # Set by the DataLoader's owner before it forks workers (trainer/loader.py): batches
         # then reach the main process through shared memory (data/transport.py).
         self.transport: BatchRing | None = None
+        # Set likewise for DataLoader workers that live across iterations (persistent workers):
+        # one queue per worker, on which the main process puts its cursor before each iteration
+        # starts (a worker's copy of the stream is the one it forked with).
+        self.cursor_channel: list | None = None
 
     # ---- partitioning
     @property
@@ -755,6 +759,14 @@ class ParquetStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.positions, self.rotation = epoch, {}, 0
         self.base_slots, self.carry = self.num_slots, None
+
+    def cursor(self) -> tuple:
+        """What decides the rows an iteration reads (for persistent DataLoader workers)."""
+        return self.epoch, dict(self.positions), self.rotation, self.base_slots, self.carry
+
+    def take_cursor(self, cursor: tuple) -> None:
+        self.epoch, positions, self.rotation, self.base_slots, self.carry = cursor
+        self.positions = dict(positions)
 
     def advance(self, batch: Batch) -> None:
         """Record that the trainer consumed `batch` (called in the main process)."""
@@ -988,6 +1000,14 @@ class ParquetStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
+        if info is not None and self.cursor_channel is not None:
+            # Now, not when the first batch is asked for: the DataLoader makes a worker's iterator
+            # as each iteration starts, in order, so the n-th read is the n-th iteration's cursor
+            # even for an iteration that never gives the worker a task.
+            self.take_cursor(self.cursor_channel[info.id].get())
+        return self._worker_batches(info)
+
+    def _worker_batches(self, info) -> Iterator[Batch]:
         worker = 0 if info is None else info.id
         if info is not None and info.num_workers != self.slots_per_rank:
             raise DataError(f"DataLoader has {info.num_workers} workers but the stream was built for "

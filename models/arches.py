@@ -66,18 +66,40 @@ def pooled_in_order(pooled: KeyedTensor, feature_names: list[str]) -> torch.Tens
     dims = tuple(pooled.length_per_key())
     batch = values.shape[0]
     if len(set(dims)) == 1:  # uniform dims: reorder whole [E] blocks
-        order = _order_index(tuple(keys), dims, tuple(feature_names), values.device)
-        return values.reshape(batch, len(keys), dims[0]).index_select(1, order).reshape(batch, -1)
-    return values.index_select(1, _order_index(tuple(keys), dims, tuple(feature_names), values.device))
+        order, inverse = _order_index(tuple(keys), dims, tuple(feature_names), values.device)
+        return _gather(values.reshape(batch, len(keys), dims[0]), order, inverse).reshape(batch, -1)
+    return _gather(values, *_order_index(tuple(keys), dims, tuple(feature_names), values.device))
 
 
-_ORDERS: dict[tuple, torch.Tensor] = {}
+def _gather(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None) -> torch.Tensor:
+    """x.index_select(1, order); when `order` is a permutation (`inverse` given), its gradient
+    is the gather with the inverse permutation. index_select's own backward zero-fills a
+    gradient of x's size and scatter-adds into it: for DLRM's pooled embeddings (2,048 x 26 x
+    64 floats) 8.6 ms a step on one core, where the gather takes about 2."""
+    if inverse is None or not torch.is_grad_enabled() or not x.requires_grad:
+        return x.index_select(1, order)
+    return _PermuteColumns.apply(x, order, inverse)
+
+
+class _PermuteColumns(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.inverse = inverse  # a cached constant of the layout, not an activation
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.index_select(1, ctx.inverse), None, None
+
+
+_ORDERS: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
 
 def _order_index(keys: tuple[str, ...], dims: tuple[int, ...], wanted: tuple[str, ...],
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """int64: with uniform dims, [F] positions in `keys` of each of `wanted`; otherwise the
-    [sum of dims] columns that put `wanted`'s blocks in order (cached: the layout is fixed)."""
+    [sum of dims] columns that put `wanted`'s blocks in order; and, when that is a permutation
+    (`wanted` names every key once), its inverse, else None (cached: the layout is fixed)."""
     cache_key = (keys, dims, wanted, str(device))
     if cache_key not in _ORDERS:
         if len(set(dims)) == 1:
@@ -87,7 +109,12 @@ def _order_index(keys: tuple[str, ...], dims: tuple[int, ...], wanted: tuple[str
             starts = dict(zip(keys, (sum(dims[:i]) for i in range(len(dims)))))
             sizes = dict(zip(keys, dims))
             index = torch.cat([torch.arange(starts[f], starts[f] + sizes[f]) for f in wanted])
-        _ORDERS[cache_key] = index.to(device)
+        inverse = None
+        if sorted(wanted) == sorted(keys) and len(set(wanted)) == len(wanted):
+            inverse = torch.empty_like(index)
+            inverse[index] = torch.arange(len(index))
+            inverse = inverse.to(device)
+        _ORDERS[cache_key] = (index.to(device), inverse)
     return _ORDERS[cache_key]
 
 

@@ -236,15 +236,18 @@ def _timed_batches(batches: Iterator, clock: Callable[[], float], sink: dict, ke
 def _batches_forever(trainer) -> Iterator:
     """The rank's batches epoch after epoch (every rank runs the same number of steps)."""
     from trainer.distributed import all_reduce_max
-    from trainer.loader import make_loader, padded_batches
+    from trainer.loader import close_loader, make_loader, padded_batches
 
     stream, epoch = trainer.train_stream, 0
-    while True:
-        stream.set_epoch(epoch)
-        steps = all_reduce_max(stream.remaining_batches(), trainer.ctx.device)
-        loader = make_loader(stream, trainer.ctx.device, trainer.cfg.data.prefetch_factor)
-        yield from padded_batches(loader, steps, stream)
-        epoch += 1
+    loader = make_loader(stream, trainer.ctx.device, trainer.cfg.data.prefetch_factor, persistent=True)  # as fit()
+    try:
+        while True:
+            stream.set_epoch(epoch)
+            steps = all_reduce_max(stream.remaining_batches(), trainer.ctx.device)
+            yield from padded_batches(loader, steps, stream)
+            epoch += 1
+    finally:
+        close_loader(loader)
 
 
 def synthetic_batches(schema, batch_size: int, device, pool: int = 8, seed: int = 0) -> Iterator:
@@ -546,21 +549,23 @@ def _per_core_rounds(stream, unshuffled, files: list[str], columns: list[str], r
 def _loader_rates(stream, min_seconds: float, prefetch_factor: int) -> dict:
     """Rows/s the main process receives from the stream's DataLoader workers, over whole epochs
     until `min_seconds`: steady, while every worker is delivering (from the last worker's first
-    batch to the first worker's last: what the middle of a long epoch sees), and with the
-    workers' start and end (the DataLoader forks fresh workers every epoch, and on a small
-    dataset their start is a large part of an epoch)."""
+    batch to the first worker's last: what the middle of a long epoch sees), and with each
+    epoch's start and end (the workers persist across epochs, as in training, but each epoch's
+    first batch waits for its first row group's decode; on a small dataset that is a large part
+    of an epoch; the first epoch also forks the workers)."""
     import torch
 
-    from trainer.loader import make_loader
+    from trainer.loader import close_loader, make_loader
 
     rows = steady_rows = 0
     elapsed = steady = start = 0.0
     epoch = 0
+    loader = make_loader(stream, torch.device("cpu"), prefetch_factor, persistent=True)
     while epoch == 0 or elapsed < min_seconds:
         stream.set_epoch(epoch)
         t0 = time.perf_counter()
         arrivals = []  # (time, reader slot, rows)
-        for batch in make_loader(stream, torch.device("cpu"), prefetch_factor):
+        for batch in loader:
             arrivals.append((time.perf_counter(), batch.slot, batch.batch_size))
         elapsed += time.perf_counter() - t0
         epoch += 1
@@ -576,8 +581,44 @@ def _loader_rates(stream, min_seconds: float, prefetch_factor: int) -> dict:
         if last > first:
             steady += last - first
             steady_rows += sum(n for t, _, n in arrivals if first < t <= last)
+    close_loader(loader)
     return {"steady_rows_per_s": steady_rows / steady if steady else 0.0, "rows_per_s": rows / elapsed,
             "worker_start_ms": 1e3 * start / epoch, "epochs": epoch}
+
+
+def _concurrent_reader_rates(make_stream: Callable, processes: int, min_seconds: float) -> list[float]:
+    """Rows/s of each of `processes` forked processes running the in-process reader (one
+    core's threads each) at the same time, for at least `min_seconds` after a warm pass: what
+    this machine gives N independent readers, the ceiling for N DataLoader workers, which share
+    the cores with the main process collecting their batches as well."""
+    import gc
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Barrier(processes), ctx.SimpleQueue()
+
+    def child() -> None:
+        with _one_core():
+            stream = make_stream()
+            _reader_pass(stream, 0)
+            start.wait()
+            rows, t0, epoch = 0, time.perf_counter(), 1
+            while epoch == 1 or time.perf_counter() - t0 < min_seconds:
+                rows += _reader_pass(stream, epoch)
+                epoch += 1
+            results.put(rows / (time.perf_counter() - t0))
+
+    gc.freeze()  # as trainer/loader.py does for DataLoader workers: a child's collections stay its own
+    try:
+        children = [ctx.Process(target=child, daemon=True) for _ in range(processes)]
+        for c in children:
+            c.start()
+    finally:
+        gc.unfreeze()
+    rates = [results.get() for _ in children]
+    for c in children:
+        c.join()
+    return sorted(rates)
 
 
 @contextmanager
@@ -625,6 +666,16 @@ def data_only(cfg, workers: list[int] | None = None, rounds: int = 9, min_second
     base = scaling[str(workers[0])]["steady_rows_per_s"] / workers[0]
     for w, rates in scaling.items():
         rates["per_worker_vs_first"] = rates["steady_rows_per_s"] / int(w) / base if base else 0.0
+    # The same comparison for independent readers, no DataLoader: how far from linear this
+    # machine itself is at each count (on a 2-core machine two busy processes do not each run
+    # as fast as one alone).
+    first = None
+    for w in workers:
+        each = _concurrent_reader_rates(lambda: stream(0), w, min_seconds)
+        per_process = sum(each) / w
+        first = first or per_process
+        scaling[str(w)].update({"independent_readers_rows_per_s": each,
+                                "independent_per_process_vs_first": per_process / first})
     result.update({"reader_rows_per_s_per_core": result["reader_rows_per_s"],
                    "raw_decode_rows_per_s_per_core": result["raw_rows_per_s"],
                    "reader_vs_raw": result["reader_vs_raw"], "workers": scaling, "rounds": rounds,
@@ -673,6 +724,11 @@ def format_data_only(result: dict) -> str:
              f"DataLoader workers ({result['cpus']} CPUs; rows/s delivered to the main process):"]
     for w, r in result["workers"].items():
         lines.append(f"  data.num_workers={w}: {r['steady_rows_per_s']:>12,.0f} steady ({r['per_worker_vs_first']:.2f}x "
-                     f"the first count's rate per worker), {r['rows_per_s']:,.0f} with the workers' start "
+                     f"the first count's rate per worker), {r['rows_per_s']:,.0f} with each epoch's start "
                      f"({r['worker_start_ms']:.0f} ms per epoch, {r['epochs']} epochs)")
+    lines.append("the machine's own ceiling: N independent readers (no DataLoader) at once, rows/s each:")
+    for w, r in result["workers"].items():
+        each = ", ".join(f"{x:,.0f}" for x in r["independent_readers_rows_per_s"])
+        lines.append(f"  {w} at once: {each} ({r['independent_per_process_vs_first']:.2f}x the first count's rate "
+                     f"per process)")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 from typing import Iterator
 
 import torch
@@ -16,17 +17,37 @@ from data.transport import BatchRing
 
 class _Loader(DataLoader):
     """A DataLoader whose workers send batches through shared memory (data/transport.py): a
-    fresh ring for each iterator, made before the iterator forks its workers and kept alive by
-    it while their batches can arrive."""
+    ring made before the workers fork and kept alive with them while their batches can arrive
+    (a fresh one for each iteration, or one for the loader's life with persistent workers).
+
+    Persistent workers (`make_loader(..., persistent=True)`) fork once and read every
+    iteration's cursor from the main process (ParquetStream.cursor_channel). A fork per epoch
+    costs more than the workers' start (80-110 ms on the bench): after it, every page the rank
+    writes (tables, optimizer state, activations) is copied once, which on a 64-step epoch was
+    24,000 page faults a second per rank and 20-25 ms of its embedding backward per step."""
 
     def __iter__(self):
-        stream, ring = self.dataset, None
-        if self.num_workers and _start_method(self) == "fork":  # the slots are inherited memory
+        stream = self.dataset
+        if self.persistent_workers and self._iterator is not None and getattr(self._iterator, "_shutdown", False):
+            self._iterator = None  # its workers were stopped (a data error): fork new ones
+        if self.persistent_workers and self._iterator is not None:
+            for channel in self._cursor_channel:
+                channel.put(stream.cursor())
+            return super().__iter__()  # the same workers, reset to this iteration
+        ring = None
+        fork = self.num_workers and _start_method(self) == "fork"
+        if fork:  # the slots (and the cursor channel) are inherited memory
             schema = stream.schema
             ring = BatchRing.for_batches(self.num_workers, self.prefetch_factor, stream.batch_size,
                                          schema.num_dense, len(schema.label_columns), len(schema.features),
                                          schema.weighted)
         stream.transport = ring
+        stream.cursor_channel = None  # read by the workers forked now, whichever loader they serve
+        if self.persistent_workers:  # (fork only: make_loader)
+            ctx = multiprocessing.get_context("fork")
+            self._cursor_channel = stream.cursor_channel = [ctx.SimpleQueue() for _ in range(self.num_workers)]
+            for channel in self._cursor_channel:
+                channel.put(stream.cursor())
         # Forked workers share the parent's pages until they write to them, and a full garbage
         # collection in a worker writes to every object it traverses: the parent's 350,000
         # torch and model objects, copied page by page (184 ms for one gc.collect() in a bench
@@ -46,8 +67,11 @@ def _start_method(loader: DataLoader) -> str:
     return ctx.get_start_method() if ctx is not None else torch.multiprocessing.get_start_method()
 
 
-def make_loader(stream: ParquetStream, device: torch.device, prefetch_factor: int = 2) -> DataLoader:
-    """Batches are built in the workers (`batch_size=None`); one worker per reader slot."""
+def make_loader(stream: ParquetStream, device: torch.device, prefetch_factor: int = 2,
+                persistent: bool = False) -> DataLoader:
+    """Batches are built in the workers (`batch_size=None`); one worker per reader slot.
+    `persistent`: the workers live across iterations (each starts at the stream's cursor when
+    it starts) until `close_loader`; otherwise every iteration forks its own."""
     workers = stream.num_workers
     return _Loader(
         stream,
@@ -55,8 +79,18 @@ def make_loader(stream: ParquetStream, device: torch.device, prefetch_factor: in
         num_workers=workers,
         prefetch_factor=prefetch_factor if workers else None,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        # Under spawn or forkserver a worker's stream is a pickle of the parent's at its start,
+        # and the cursor channel is not inherited: workers are made per iteration there.
+        persistent_workers=bool(persistent and workers and torch.multiprocessing.get_start_method() == "fork"),
     )
+
+
+def close_loader(loader: DataLoader | None) -> None:
+    """Stop a loader's persistent workers now (not whenever the loader is collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def padded_batches(loader: DataLoader, steps: int, stream: ParquetStream) -> Iterator[Batch]:

@@ -21,7 +21,7 @@ from trainer.distributed import DistContext, all_gather_objects, all_reduce_max,
 from trainer.errors import RunError
 from trainer.evaluate import flatten_metrics, lookup_metric
 from trainer.host import keep_freed_memory
-from trainer.loader import make_loader, padded_batches
+from trainer.loader import close_loader, make_loader, padded_batches
 from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
 from trainer.pipeline import pipelined_steps
@@ -50,6 +50,7 @@ class Trainer:
         self.precision_report = {"table_bytes": table_bytes(self.model), "all_to_all": all_to_all_dtypes(self.model)}
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.train_stream = build_stream(cfg, self.schema, self.ctx, cfg.data.train_path, train=True)
+        self._train_loader = None  # made by the first epoch, closed when fit() ends
         self.evaluator = (build_evaluator(cfg, self.rec_model, self.schema, self.ctx, cfg.data.eval_path)
                           if cfg.data.eval_path else None)
         self.schedule = LRSchedule(self.optimizer, self.model.fused_optimizer, cfg.optimizer, 1)
@@ -175,6 +176,9 @@ class Trainer:
         except RunError:  # raised on every rank together (NaN loss, failed save): keep the pending save
             self.checkpointer.finalize()
             raise
+        finally:
+            close_loader(self._train_loader)
+            self._train_loader = None
         if stopped:
             log.info("stopped at step %d (train.stop_at_step); run the same command again to resume",
                      self.state.step)
@@ -219,8 +223,10 @@ class Trainer:
         if cfg.train.max_steps:
             remaining = min(remaining, cfg.train.max_steps - self.state.step)
         last_step = self.state.step + remaining
-        loader = make_loader(self.train_stream, self.ctx.device, cfg.data.prefetch_factor)
-        batches = padded_batches(loader, remaining, self.train_stream)
+        if self._train_loader is None:  # its workers live across epochs (trainer/loader.py says why)
+            self._train_loader = make_loader(self.train_stream, self.ctx.device, cfg.data.prefetch_factor,
+                                             persistent=True)
+        batches = padded_batches(self._train_loader, remaining, self.train_stream)
         progress = self._progress_bar()
         self.model.train()
         for batch, task_losses, stats in self._steps(batches):

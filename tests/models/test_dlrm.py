@@ -270,6 +270,32 @@ def test_pooled_in_order_reorders_a_sharded_layout(dims):
         start += dims[f]
 
 
+def test_a_reordering_gradient_is_the_inverse_gather():
+    """A permutation's backward gathers with the inverse permutation (no zero-filled buffer and
+    scatter-add): the node is the permutation's own, and the gradients equal index_select's."""
+    kt, parts = _keyed(["c", "a", "b"], dict.fromkeys("abc", 4))
+    out = pooled_in_order(kt, ["b", "c", "a"])
+    assert type(out.grad_fn).__name__ != "IndexSelectBackward0"
+    assert "PermuteColumns" in type(out.grad_fn.next_functions[0][0]).__name__
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    reference = {f: p.detach().clone().requires_grad_() for f, p in parts.items()}
+    flat = torch.cat([reference[f] for f in ("c", "a", "b")], dim=1).reshape(3, 3, 4)
+    (flat.index_select(1, torch.tensor([2, 0, 1])).reshape(3, 12) * weights).sum().backward()
+    for f in "abc":
+        torch.testing.assert_close(parts[f].grad, reference[f].grad, rtol=0, atol=0)
+
+
+def test_reading_some_of_the_features_leaves_the_rest_without_gradient():
+    """Not a permutation (a tower reads some of the collection's features): plain index_select,
+    zero gradient to the features not read."""
+    kt, parts = _keyed(["c", "a", "b"], dict.fromkeys("abc", 4))
+    out = pooled_in_order(kt, ["b", "a"])
+    torch.testing.assert_close(out, torch.cat([parts["b"], parts["a"]], dim=1))
+    out.sum().backward()
+    assert torch.equal(parts["c"].grad, torch.zeros(3, 4)) and torch.equal(parts["a"].grad, torch.ones(3, 4))
+
+
 def test_mlp_layers():
     mlp = MLP(3, [5, 2])
     assert [type(m) for m in mlp] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU]

@@ -156,7 +156,15 @@ def test_data_only_reports_both_rates(tmp_path, capsys):
     assert r["workers"]["1"]["per_worker_vs_first"] == 1.0
     assert r["workers"]["2"]["per_worker_vs_first"] == pytest.approx(
         r["workers"]["2"]["steady_rows_per_s"] / 2 / r["workers"]["1"]["steady_rows_per_s"])
-    assert "reader / raw decode:" in out and "data.num_workers=2:" in out
+    # the machine's own ceiling: that many independent readers at once, one rate each
+    for w, rates in r["workers"].items():
+        each = rates["independent_readers_rows_per_s"]
+        assert len(each) == int(w) and all(x > 0 for x in each)
+    first = r["workers"]["1"]["independent_readers_rows_per_s"][0]
+    assert r["workers"]["1"]["independent_per_process_vs_first"] == 1.0
+    assert r["workers"]["2"]["independent_per_process_vs_first"] == pytest.approx(
+        sum(r["workers"]["2"]["independent_readers_rows_per_s"]) / 2 / first)
+    assert "reader / raw decode:" in out and "data.num_workers=2:" in out and "2 at once:" in out
 
 
 def test_loader_steady_rate_counts_only_while_every_worker_delivers(monkeypatch):
@@ -176,8 +184,8 @@ def test_loader_steady_rate_counts_only_while_every_worker_delivers(monkeypatch)
         def set_epoch(self, epoch):
             pass
 
-    monkeypatch.setattr(loader, "make_loader", lambda stream, device, prefetch: iter(
-        [SimpleNamespace(slot=s, batch_size=10) for _, s in arrivals]))
+    monkeypatch.setattr(loader, "make_loader", lambda stream, device, prefetch, persistent=False:
+                        [SimpleNamespace(slot=s, batch_size=10) for _, s in arrivals])
     r = bench._loader_rates(Stream(), min_seconds=0.0, prefetch_factor=2)
     # window (2.5, 4.0]: the batches at 3.0, 3.5 and 4.0
     assert r["steady_rows_per_s"] == pytest.approx(30 / 1.5)
