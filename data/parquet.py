@@ -682,8 +682,8 @@ class ParquetStream(IterableDataset):
         # then reach the main process through shared memory (data/transport.py).
         self.transport: BatchRing | None = None
         # Set likewise for DataLoader workers that live across iterations (persistent workers):
-        # one queue per worker, on which the main process puts its cursor before each iteration
-        # starts (a worker's copy of the stream is the one it forked with).
+        # one queue per worker, on which the main process puts its state_dict() before each
+        # iteration starts (a worker's copy of the stream is the one it forked with).
         self.cursor_channel: list | None = None
 
     # ---- partitioning
@@ -759,14 +759,6 @@ class ParquetStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.positions, self.rotation = epoch, {}, 0
         self.base_slots, self.carry = self.num_slots, None
-
-    def cursor(self) -> tuple:
-        """What decides the rows an iteration reads (for persistent DataLoader workers)."""
-        return self.epoch, dict(self.positions), self.rotation, self.base_slots, self.carry
-
-    def take_cursor(self, cursor: tuple) -> None:
-        self.epoch, positions, self.rotation, self.base_slots, self.carry = cursor
-        self.positions = dict(positions)
 
     def advance(self, batch: Batch) -> None:
         """Record that the trainer consumed `batch` (called in the main process)."""
@@ -1004,7 +996,7 @@ class ParquetStream(IterableDataset):
             # Now, not when the first batch is asked for: the DataLoader makes a worker's iterator
             # as each iteration starts, in order, so the n-th read is the n-th iteration's cursor
             # even for an iteration that never gives the worker a task.
-            self.take_cursor(self.cursor_channel[info.id].get())
+            self.load_state_dict(self.cursor_channel[info.id].get())
         return self._worker_batches(info)
 
     def _worker_batches(self, info) -> Iterator[Batch]:

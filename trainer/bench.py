@@ -557,10 +557,18 @@ def _loader_rates(stream, min_seconds: float, prefetch_factor: int) -> dict:
 
     from trainer.loader import close_loader, make_loader
 
+    loader = make_loader(stream, torch.device("cpu"), prefetch_factor, persistent=True)
+    try:
+        return _epoch_rates(loader, stream, min_seconds)
+    finally:
+        close_loader(loader)
+
+
+def _epoch_rates(loader, stream, min_seconds: float) -> dict:
+    """`_loader_rates`, measured on an open loader."""
     rows = steady_rows = 0
     elapsed = steady = start = 0.0
     epoch = 0
-    loader = make_loader(stream, torch.device("cpu"), prefetch_factor, persistent=True)
     while epoch == 0 or elapsed < min_seconds:
         stream.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -581,7 +589,6 @@ def _loader_rates(stream, min_seconds: float, prefetch_factor: int) -> dict:
         if last > first:
             steady += last - first
             steady_rows += sum(n for t, _, n in arrivals if first < t <= last)
-    close_loader(loader)
     return {"steady_rows_per_s": steady_rows / steady if steady else 0.0, "rows_per_s": rows / elapsed,
             "worker_start_ms": 1e3 * start / epoch, "epochs": epoch}
 

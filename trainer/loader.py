@@ -32,7 +32,7 @@ class _Loader(DataLoader):
             self._iterator = None  # its workers were stopped (a data error): fork new ones
         if self.persistent_workers and self._iterator is not None:
             for channel in self._cursor_channel:
-                channel.put(stream.cursor())
+                channel.put(stream.state_dict())
             return super().__iter__()  # the same workers, reset to this iteration
         ring = None
         fork = self.num_workers and _start_method(self) == "fork"
@@ -47,7 +47,7 @@ class _Loader(DataLoader):
             ctx = multiprocessing.get_context("fork")
             self._cursor_channel = stream.cursor_channel = [ctx.SimpleQueue() for _ in range(self.num_workers)]
             for channel in self._cursor_channel:
-                channel.put(stream.cursor())
+                channel.put(stream.state_dict())
         # Forked workers share the parent's pages until they write to them, and a full garbage
         # collection in a worker writes to every object it traverses: the parent's 350,000
         # torch and model objects, copied page by page (184 ms for one gc.collect() in a bench
