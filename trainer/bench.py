@@ -283,22 +283,31 @@ def _status_mb(pid: int | str, key: str) -> float:
     return 0.0
 
 
-def current_rss_mb() -> tuple[float, float]:
-    """Resident memory now (VmRSS), MiB: this process's and its DataLoader workers' summed."""
+def current_rss_mb() -> tuple[float, float, float, float]:
+    """Resident memory now, MiB: this process's and its DataLoader workers' summed (VmRSS), then
+    the same for anonymous memory alone (RssAnon: heap and tensors, where a leak would show;
+    the rest is mapped files, such as the Parquet pages a worker reads and the libraries)."""
     from trainer.commands.launch import child_pids
 
-    return _status_mb("self", "VmRSS"), sum(_status_mb(pid, "VmRSS") for pid in child_pids(os.getpid()))
+    children = child_pids(os.getpid())
+    return (_status_mb("self", "VmRSS"), sum(_status_mb(pid, "VmRSS") for pid in children),
+            _status_mb("self", "RssAnon"), sum(_status_mb(pid, "RssAnon") for pid in children))
 
 
-def rss_report(samples: list[tuple[int, float, float]]) -> dict:
-    """(step, main MiB, workers MiB) samples -> first/last and slopes (MiB per 1,000 steps)."""
-    main = [(x, m) for x, m, _ in samples]
-    workers = [(x, w) for x, _, w in samples]
+def rss_report(samples: list[tuple]) -> dict:
+    """(step, main MiB, workers MiB[, main anonymous MiB, workers anonymous MiB]) samples ->
+    first/last and slopes (MiB per 1,000 steps)."""
+    def series(k: int) -> list[tuple[int, float]]:
+        return [(s[0], s[k]) for s in samples if len(s) > k]
+
+    main, workers, main_anon, workers_anon = series(1), series(2), series(3), series(4)
     return {"samples": len(samples), "every_steps": samples[0][0] if samples else 0,
             "first_mb": samples[0][1] if samples else None, "last_mb": samples[-1][1] if samples else None,
             "slope_mb_per_1k_steps": rss_slope(main),
             "workers_first_mb": samples[0][2] if samples else None, "workers_last_mb": samples[-1][2] if samples else None,
-            "workers_slope_mb_per_1k_steps": rss_slope(workers)}
+            "workers_slope_mb_per_1k_steps": rss_slope(workers),
+            "anon_slope_mb_per_1k_steps": rss_slope(main_anon),
+            "workers_anon_slope_mb_per_1k_steps": rss_slope(workers_anon)}
 
 
 def rss_slope(samples: list[tuple[int, float]]) -> float | None:
@@ -332,6 +341,7 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, sou
     import torch
 
     from trainer.distributed import all_gather_objects
+    from trainer.host import release_freed_memory
     from trainer.train import Trainer
 
     if threads:
@@ -421,7 +431,12 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, sou
         "precision": {"dense": cfg.precision.dense, "embeddings": cfg.precision.embeddings},
     }
     if rss_every:
-        result["rss_over_steps"] = all_gather_objects(rss_report(rss))
+        report = rss_report(rss)
+        # What the rank holds at the end, and what of it was free memory the allocator kept
+        # (train.keep_freed_memory keeps it on purpose): growth that trimming gives back is no leak.
+        report["end_mb"] = _status_mb("self", "VmRSS")
+        report["after_trim_mb"] = _status_mb("self", "VmRSS") if release_freed_memory() else None
+        result["rss_over_steps"] = all_gather_objects(report)
     if profile_dir:
         result["profile_dir"] = str(profile_dir)
     trainer.logger.close()
@@ -565,10 +580,12 @@ def _loader_rates(stream, min_seconds: float, prefetch_factor: int) -> dict:
 
 
 def _epoch_rates(loader, stream, min_seconds: float) -> dict:
-    """`_loader_rates`, measured on an open loader."""
-    rows = steady_rows = 0
+    """`_loader_rates`, measured on an open loader; with the CPU each batch cost the workers and
+    the main process (`_cpu_accounting`)."""
+    rows = steady_rows = batches = 0
     elapsed = steady = start = 0.0
     epoch = 0
+    main_cpu = time.process_time()
     while epoch == 0 or elapsed < min_seconds:
         stream.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -579,6 +596,7 @@ def _epoch_rates(loader, stream, min_seconds: float) -> dict:
         epoch += 1
         if not arrivals:
             continue
+        batches += len(arrivals)
         rows += sum(n for _, _, n in arrivals)
         start += arrivals[0][0] - t0
         spans: dict[int, tuple[float, float]] = {}  # reader slot -> (first, last) arrival; times ascend
@@ -589,8 +607,46 @@ def _epoch_rates(loader, stream, min_seconds: float) -> dict:
         if last > first:
             steady += last - first
             steady_rows += sum(n for t, _, n in arrivals if first < t <= last)
-    return {"steady_rows_per_s": steady_rows / steady if steady else 0.0, "rows_per_s": rows / elapsed,
-            "worker_start_ms": 1e3 * start / epoch, "epochs": epoch}
+    main_cpu = time.process_time() - main_cpu
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    worker_cpu = [_cpu_seconds(w.pid) for w in workers]
+    out = {"steady_rows_per_s": steady_rows / steady if steady else 0.0, "rows_per_s": rows / elapsed,
+           "worker_start_ms": 1e3 * start / epoch, "epochs": epoch}
+    out.update(_cpu_accounting(batches, rows, main_cpu, None if None in worker_cpu else worker_cpu))
+    return out
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, which a container or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process `pid` has used (Linux /proc); None where unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_accounting(batches: int, rows: int, main_cpu_s: float, worker_cpu_s: list[float] | None) -> dict:
+    """Where the delivered rate's ceiling on this machine comes from. Over the measured epochs
+    (their starts included) each batch cost its worker `w` ms of CPU and the main process `m`
+    ms (receiving it); with N workers on C CPUs the rate can be no more than rows per batch x
+    min(C / (w + m), N / w, 1 / m): on a machine with no more CPUs than workers, the main
+    process's share of them is the workers' loss, however well the workers scale."""
+    if not batches or worker_cpu_s is None or not worker_cpu_s:
+        return {"main_cpu_ms_per_batch": 1e3 * main_cpu_s / batches if batches else None,
+                "worker_cpu_ms_per_batch": None, "cpu_bound_rows_per_s": None}
+    main = main_cpu_s / batches
+    worker = sum(worker_cpu_s) / batches
+    cpus = usable_cpus()
+    per_s = min(cpus / (worker + main), len(worker_cpu_s) / worker if worker else float("inf"),
+                1 / main if main else float("inf"))
+    return {"main_cpu_ms_per_batch": 1e3 * main, "worker_cpu_ms_per_batch": 1e3 * worker,
+            "cpu_bound_rows_per_s": per_s * rows / batches}
 
 
 def _concurrent_reader_rates(make_stream: Callable, processes: int, min_seconds: float) -> list[float]:
@@ -665,7 +721,7 @@ def data_only(cfg, workers: list[int] | None = None, rounds: int = 9, min_second
 
     with _one_core():
         result = _per_core_rounds(stream(0), stream(0, shuffle=False), files, schema.columns, rounds)
-    workers = workers or sorted({1, max(1, os.cpu_count() or 1)})
+    workers = workers or sorted({1, usable_cpus()})
     scaling = {}
     for w in workers:
         with _one_core():  # the main process only collects; each worker decodes on one core
@@ -687,7 +743,7 @@ def data_only(cfg, workers: list[int] | None = None, rounds: int = 9, min_second
                    "raw_decode_rows_per_s_per_core": result["raw_rows_per_s"],
                    "reader_vs_raw": result["reader_vs_raw"], "workers": scaling, "rounds": rounds,
                    "files": len(files), "columns": len(schema.columns), "batch_size": cfg.data.batch_size,
-                   "rows": sum(p.num_rows for p in stream(0).pieces), "cpus": os.cpu_count()})
+                   "rows": sum(p.num_rows for p in stream(0).pieces), "cpus": usable_cpus()})
     return result
 
 
@@ -713,6 +769,11 @@ def format_table(result: dict) -> str:
                          f"{m['slope_mb_per_1k_steps']:+.2f} MiB per 1,000 steps (second half of {m['samples']} "
                          f"samples); workers {m['workers_first_mb']:.0f} -> {m['workers_last_mb']:.0f} MiB, slope "
                          f"{m['workers_slope_mb_per_1k_steps']:+.2f}")
+        if m.get("anon_slope_mb_per_1k_steps") is not None:
+            trimmed = (f"; at the end {m['end_mb']:.0f} MiB, {m['after_trim_mb']:.0f} after malloc_trim(0)"
+                       if m.get("after_trim_mb") is not None else "")
+            lines.append(f"  anonymous memory only (heap, tensors): slope {m['anon_slope_mb_per_1k_steps']:+.2f} MiB per "
+                         f"1,000 steps, workers {m['workers_anon_slope_mb_per_1k_steps']:+.2f}{trimmed}")
     return "\n".join(lines)
 
 
@@ -733,6 +794,11 @@ def format_data_only(result: dict) -> str:
         lines.append(f"  data.num_workers={w}: {r['steady_rows_per_s']:>12,.0f} steady ({r['per_worker_vs_first']:.2f}x "
                      f"the first count's rate per worker), {r['rows_per_s']:,.0f} with each epoch's start "
                      f"({r['worker_start_ms']:.0f} ms per epoch, {r['epochs']} epochs)")
+        if r.get("cpu_bound_rows_per_s"):
+            lines.append(f"      CPU per batch: its worker {r['worker_cpu_ms_per_batch']:.2f} ms, the main process "
+                         f"{r['main_cpu_ms_per_batch']:.2f} ms: at most {r['cpu_bound_rows_per_s']:,.0f} rows/s on "
+                         f"{result['cpus']} CPUs at that cost; with each epoch's start it delivered "
+                         f"{r['rows_per_s'] / r['cpu_bound_rows_per_s']:.0%} of that")
     lines.append("the machine's own ceiling: N independent readers (no DataLoader) at once, rows/s each:")
     for w, r in result["workers"].items():
         each = ", ".join(f"{x:,.0f}" for x in r["independent_readers_rows_per_s"])

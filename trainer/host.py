@@ -50,3 +50,17 @@ def keep_freed_memory() -> bool:
              ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
     _applied = ok
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS now (glibc `malloc_trim(0)`): what a process
+    then keeps resident is what it uses. False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True

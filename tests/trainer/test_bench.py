@@ -6,6 +6,7 @@ assertions."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,10 @@ def test_device_batches_and_memory_samples(tmp_path, capsys):
     mem = r["rss_over_steps"][0]
     assert mem["samples"] == steps // every and mem["every_steps"] == every
     assert mem["first_mb"] > 100 and mem["slope_mb_per_1k_steps"] is not None
+    assert mem["anon_slope_mb_per_1k_steps"] is not None and mem["workers_anon_slope_mb_per_1k_steps"] is not None
+    # at the end, the rank's resident memory and what is left of it once glibc hands back its free pages
+    assert 0 < mem["after_trim_mb"] <= mem["end_mb"] + 1
+    assert "anonymous memory only" in out and "after malloc_trim(0)" in out
     shares = r["breakdown_ms"]
     assert r["embedding_share"] == pytest.approx(
         (shares["input_a2a"] + shares["emb_fwd"] + shares["emb_bwd"]) / r["breakdown_step_ms"], abs=2e-3)
@@ -132,6 +137,13 @@ def test_rss_slope_is_the_least_squares_slope_of_the_second_half():
     assert rss_slope(samples[:3]) is None
     flat = rss_report([(s, m, 50.0) for s, m in samples])
     assert flat["workers_slope_mb_per_1k_steps"] == pytest.approx(0.0)
+    assert flat["anon_slope_mb_per_1k_steps"] is None  # samples without the anonymous part
+    # (step, main, workers, main anonymous, workers anonymous): a leak shows in the anonymous
+    # slope; mapped file pages (the main total here) may grow without it
+    five = rss_report([(x, m, 50.0, 400.0 + x / 100, 40.0) for x, m in samples])
+    assert five["slope_mb_per_1k_steps"] == pytest.approx(2.0)
+    assert five["anon_slope_mb_per_1k_steps"] == pytest.approx(10.0)
+    assert five["workers_anon_slope_mb_per_1k_steps"] == pytest.approx(0.0)
     assert flat["first_mb"] == 500.0 and flat["last_mb"] == 1000.6 and flat["every_steps"] == 100
 
 
@@ -164,7 +176,15 @@ def test_data_only_reports_both_rates(tmp_path, capsys):
     assert r["workers"]["1"]["independent_per_process_vs_first"] == 1.0
     assert r["workers"]["2"]["independent_per_process_vs_first"] == pytest.approx(
         sum(r["workers"]["2"]["independent_readers_rows_per_s"]) / 2 / first)
+    # where each count's ceiling comes from: the CPU its workers and the main process spent per batch
+    for w, rates in r["workers"].items():
+        worker, main = rates["worker_cpu_ms_per_batch"], rates["main_cpu_ms_per_batch"]
+        assert worker > 0 and main > 0
+        per_batch_rows = 128  # the tiny config's batch (4,096 rows: 32 full batches an epoch)
+        assert rates["cpu_bound_rows_per_s"] == pytest.approx(
+            1e3 * per_batch_rows * min(r["cpus"] / (worker + main), int(w) / worker, 1 / main), rel=0.05)
     assert "reader / raw decode:" in out and "data.num_workers=2:" in out and "2 at once:" in out
+    assert "CPU per batch: its worker" in out
 
 
 def test_loader_steady_rate_counts_only_while_every_worker_delivers(monkeypatch):
@@ -191,6 +211,36 @@ def test_loader_steady_rate_counts_only_while_every_worker_delivers(monkeypatch)
     assert r["steady_rows_per_s"] == pytest.approx(30 / 1.5)
     assert r["rows_per_s"] == pytest.approx(70 / 5.0) and r["worker_start_ms"] == pytest.approx(1000.0)
     assert r["epochs"] == 1
+
+
+def test_cpu_accounting_bounds_the_rate_by_the_scarcest_cpu():
+    from trainer.bench import _cpu_accounting, usable_cpus
+
+    cpus = usable_cpus()
+    # 100 batches of 1,000 rows; each cost its worker 2 ms and the main process 0.5 ms
+    r = _cpu_accounting(100, 100_000, 0.05, [0.1, 0.1])
+    assert r["worker_cpu_ms_per_batch"] == pytest.approx(2.0) and r["main_cpu_ms_per_batch"] == pytest.approx(0.5)
+    assert r["cpu_bound_rows_per_s"] == pytest.approx(1000 * min(cpus / 2.5e-3, 2 / 2e-3, 1 / 0.5e-3))
+    # one worker: its own CPU is the bound whenever there is a second CPU for the main process
+    one = _cpu_accounting(100, 100_000, 0.05, [0.2])
+    assert one["cpu_bound_rows_per_s"] == pytest.approx(1000 * min(cpus / 2.5e-3, 1 / 2e-3))
+    # no readable worker CPU (not Linux, or workers gone): no ceiling claimed
+    none = _cpu_accounting(100, 100_000, 0.05, None)
+    assert none["cpu_bound_rows_per_s"] is None and none["main_cpu_ms_per_batch"] == pytest.approx(0.5)
+
+
+def test_cpu_seconds_reads_a_live_process():
+    import time as _time
+
+    from trainer.bench import _cpu_seconds
+
+    before = _cpu_seconds(os.getpid())
+    t = _time.process_time()
+    while _time.process_time() - t < 0.3:
+        pass
+    after = _cpu_seconds(os.getpid())
+    assert after - before == pytest.approx(0.3, abs=0.1)
+    assert _cpu_seconds(2 ** 31 - 1) is None  # no such process
 
 
 def test_parse_peer_output():

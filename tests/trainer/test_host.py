@@ -8,7 +8,7 @@ import resource
 import numpy as np
 import pytest
 
-from trainer.host import keep_freed_memory
+from trainer.host import keep_freed_memory, release_freed_memory
 
 
 def _minor_faults() -> int:
@@ -37,3 +37,22 @@ def test_a_freed_block_is_reused_without_new_page_faults():
     # Returned to the OS after each round (glibc's default trims a free heap top above twice
     # its mmap threshold), every round would fault all `pages` again.
     assert faults < pages, (faults, pages)
+
+
+def _resident_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="no C library to tune")
+def test_release_hands_the_kept_free_memory_back():
+    if not keep_freed_memory():
+        pytest.skip("not glibc: the allocator is left as it is")
+    held = [np.ones(8 << 20, dtype=np.uint8) for _ in range(12)]  # 96 MiB on the heap, touched
+    del held
+    kept = _resident_mb()
+    assert release_freed_memory()
+    # the 96 MiB were free but resident (kept for reuse); trimmed, they leave the process
+    assert _resident_mb() < kept - 64, (kept, _resident_mb())
