@@ -367,6 +367,7 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, sou
     n = 0
     for _ in trainer._steps(_timed_batches(islice(batches, steps), time.perf_counter, waits)):
         n += 1
+        trainer.release_memory_if_due(n)  # as training does (train.release_freed_memory_every)
         if rss_every and n % rss_every == 0:
             rss.append((n, *current_rss_mb()))
     elapsed = clock.now() - t0

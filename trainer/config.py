@@ -371,6 +371,10 @@ class TrainConfig:
     # (glibc malloc; trainer/host.py): saves a page fault per page of every large tensor, the
     # resident memory stays at its peak instead.
     keep_freed_memory: bool = True
+    # With keep_freed_memory: every that many steps, hand the heap's free pages back to the OS
+    # (malloc_trim), so that what the allocator keeps but fragmentation leaves unused cannot
+    # pile up over a long run (the next step faults its blocks in once). 0: never.
+    release_freed_memory_every: int = 1000
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -380,6 +384,8 @@ class TrainConfig:
         _one_of(self.device, ("auto", "cpu", "cuda"), "train.device")
         _one_of(self.non_finite_loss, ("error", "skip"), "train.non_finite_loss")
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
+        _require(self.release_freed_memory_every >= 0, "train.release_freed_memory_every",
+                 "must be >= 0 (0: never; 1000 hands free heap pages back every 1,000 steps)")
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Any
 # how long it goes on, how often it evaluates/logs/saves, where eval data lives, logging.
 MAY_CHANGE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.stop_at_step", "train.log_every", "train.device",
-    "train.max_skipped_steps", "train.keep_freed_memory", "eval.", "logging.", "checkpoint.every_steps",
+    "train.max_skipped_steps", "train.keep_freed_memory", "train.release_freed_memory_every",
+    "eval.", "logging.", "checkpoint.every_steps",
     "checkpoint.keep_last",
     "checkpoint.resume", "checkpoint.async_save", "checkpoint.at_end", "data.eval_path", "data.eval_batch_size",
     "data.prefetch_factor", "data.num_workers", "sharding.", "precision.comms",

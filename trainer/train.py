@@ -20,7 +20,7 @@ from trainer.config_diff import describe, resume_conflicts
 from trainer.distributed import DistContext, all_gather_objects, all_reduce_max, init_distributed
 from trainer.errors import RunError
 from trainer.evaluate import flatten_metrics, lookup_metric
-from trainer.host import keep_freed_memory
+from trainer.host import keep_freed_memory, release_freed_memory
 from trainer.loader import close_loader, make_loader, padded_batches
 from trainer.logger import RunLogger, setup_console
 from trainer.optim import LRSchedule, build_optimizer
@@ -238,6 +238,7 @@ class Trainer:
                 self.rank_samples += batch.num_samples
             progress.update(1)
             step = self.state.step
+            self.release_memory_if_due(step)
             if step % cfg.train.log_every == 0 or step == last_step:
                 self._log_train(step)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
@@ -287,6 +288,11 @@ class Trainer:
             self.precision.backward(loss)  # scaled under fp16
             self.precision.step(self.optimizer)
             yield batch, task_losses, train_stats(outputs)
+
+    def release_memory_if_due(self, step: int) -> bool:
+        """train.release_freed_memory_every: the kept free heap pages go back to the OS."""
+        every = self.cfg.train.release_freed_memory_every
+        return bool(self.cfg.train.keep_freed_memory and every and step % every == 0) and release_freed_memory()
 
     def _skip_non_finite(self, error: NonFiniteLoss) -> None:
         """Apply train.non_finite_loss to a step whose loss is NaN/Inf (nothing was updated)."""

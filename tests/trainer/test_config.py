@@ -202,6 +202,7 @@ def test_bad_enum_names_key_and_choices(override, key, choice):
         ("optimizer.min_lr_ratio=1.5", "optimizer.min_lr_ratio"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
         ("model.embedding_dim=0", "model.embedding_dim"),
+        ("train.release_freed_memory_every=-1", "train.release_freed_memory_every"),
     ],
 )
 def test_out_of_range_values(override, key):

@@ -56,3 +56,19 @@ def test_release_hands_the_kept_free_memory_back():
     assert release_freed_memory()
     # the 96 MiB were free but resident (kept for reuse); trimmed, they leave the process
     assert _resident_mb() < kept - 64, (kept, _resident_mb())
+
+
+@pytest.mark.parametrize("keep, every, due", [(True, 3, [3, 6, 9]), (True, 0, []), (False, 3, [])])
+def test_the_trainer_releases_freed_memory_every_n_steps(monkeypatch, keep, every, due):
+    """train.release_freed_memory_every: at every multiple of it, and only while freed memory is
+    kept (otherwise glibc returns it by itself)."""
+    from types import SimpleNamespace
+
+    import trainer.train as train
+
+    calls = []
+    monkeypatch.setattr(train, "release_freed_memory", lambda: calls.append(1) or True)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(keep_freed_memory=keep,
+                                                                        release_freed_memory_every=every)))
+    fired = [step for step in range(1, 11) if train.Trainer.release_memory_if_due(trainer, step)]
+    assert fired == due and len(calls) == len(due)
