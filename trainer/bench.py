@@ -283,31 +283,35 @@ def _status_mb(pid: int | str, key: str) -> float:
     return 0.0
 
 
-def current_rss_mb() -> tuple[float, float, float, float]:
-    """Resident memory now, MiB: this process's and its DataLoader workers' summed (VmRSS), then
-    the same for anonymous memory alone (RssAnon: heap and tensors, where a leak would show;
-    the rest is mapped files, such as the Parquet pages a worker reads and the libraries)."""
+def current_rss_mb() -> tuple:
+    """Memory now, MiB: this process's and its DataLoader workers' summed resident memory
+    (VmRSS); the same for anonymous memory alone (RssAnon: the rest is mapped files, such as the
+    Parquet pages a worker reads and the libraries); and this process's C heap in use
+    (`heap_in_use_mb`, None where unknown), which free memory the allocator keeps does not count."""
     from trainer.commands.launch import child_pids
+    from trainer.host import heap_in_use_mb
 
     children = child_pids(os.getpid())
     return (_status_mb("self", "VmRSS"), sum(_status_mb(pid, "VmRSS") for pid in children),
-            _status_mb("self", "RssAnon"), sum(_status_mb(pid, "RssAnon") for pid in children))
+            _status_mb("self", "RssAnon"), sum(_status_mb(pid, "RssAnon") for pid in children), heap_in_use_mb())
 
 
 def rss_report(samples: list[tuple]) -> dict:
-    """(step, main MiB, workers MiB[, main anonymous MiB, workers anonymous MiB]) samples ->
-    first/last and slopes (MiB per 1,000 steps)."""
+    """(step, main MiB, workers MiB[, main anonymous MiB, workers anonymous MiB[, heap in use
+    MiB or None]]) samples -> first/last and slopes (MiB per 1,000 steps)."""
     def series(k: int) -> list[tuple[int, float]]:
-        return [(s[0], s[k]) for s in samples if len(s) > k]
+        return [(s[0], s[k]) for s in samples if len(s) > k and s[k] is not None]
 
-    main, workers, main_anon, workers_anon = series(1), series(2), series(3), series(4)
+    main, workers, main_anon, workers_anon, heap = series(1), series(2), series(3), series(4), series(5)
     return {"samples": len(samples), "every_steps": samples[0][0] if samples else 0,
             "first_mb": samples[0][1] if samples else None, "last_mb": samples[-1][1] if samples else None,
             "slope_mb_per_1k_steps": rss_slope(main),
             "workers_first_mb": samples[0][2] if samples else None, "workers_last_mb": samples[-1][2] if samples else None,
             "workers_slope_mb_per_1k_steps": rss_slope(workers),
             "anon_slope_mb_per_1k_steps": rss_slope(main_anon),
-            "workers_anon_slope_mb_per_1k_steps": rss_slope(workers_anon)}
+            "workers_anon_slope_mb_per_1k_steps": rss_slope(workers_anon),
+            "heap_first_mb": heap[0][1] if heap else None, "heap_last_mb": heap[-1][1] if heap else None,
+            "heap_slope_mb_per_1k_steps": rss_slope(heap)}
 
 
 def rss_slope(samples: list[tuple[int, float]]) -> float | None:
@@ -367,9 +371,9 @@ def run_worker(cfg, steps: int, warmup: int, profile_dir: str | None = None, sou
     n = 0
     for _ in trainer._steps(_timed_batches(islice(batches, steps), time.perf_counter, waits)):
         n += 1
-        trainer.release_memory_if_due(n)  # as training does (train.release_freed_memory_every)
-        if rss_every and n % rss_every == 0:
+        if rss_every and n % rss_every == 0:  # before a release: the most the step's memory reaches
             rss.append((n, *current_rss_mb()))
+        trainer.release_memory_if_due(n)  # as training does (train.release_freed_memory_every)
     elapsed = clock.now() - t0
     _barrier(ctx)
 
@@ -775,6 +779,10 @@ def format_table(result: dict) -> str:
                        if m.get("after_trim_mb") is not None else "")
             lines.append(f"  anonymous memory only (heap, tensors): slope {m['anon_slope_mb_per_1k_steps']:+.2f} MiB per "
                          f"1,000 steps, workers {m['workers_anon_slope_mb_per_1k_steps']:+.2f}{trimmed}")
+        if m.get("heap_slope_mb_per_1k_steps") is not None:
+            lines.append(f"  C heap in use (mallinfo2; what the allocator keeps free is not counted): "
+                         f"{m['heap_first_mb']:.0f} -> {m['heap_last_mb']:.0f} MiB, slope "
+                         f"{m['heap_slope_mb_per_1k_steps']:+.2f} MiB per 1,000 steps")
     return "\n".join(lines)
 
 

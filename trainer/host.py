@@ -64,3 +64,24 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use_mb() -> float | None:
+    """MiB the C allocator has handed out and not had back (glibc `mallinfo2`: heap blocks in
+    use in every arena plus mmapped blocks): what a leak of tensors or buffers grows, whatever
+    free memory the allocator keeps. None where the C library has no mallinfo2 (glibc < 2.33)."""
+    name = ctypes.util.find_library("c")
+    try:
+        info = getattr(ctypes.CDLL(name), "mallinfo2", None) if name else None
+    except OSError:
+        info = None
+    if info is None:
+        return None
+    info.restype = _MallInfo2
+    got = info()
+    return (got.uordblks + got.hblkhd) / 2 ** 20

@@ -105,6 +105,11 @@ def test_device_batches_and_memory_samples(tmp_path, capsys):
     # at the end, the rank's resident memory and what is left of it once glibc hands back its free pages
     assert 0 < mem["after_trim_mb"] <= mem["end_mb"] + 1
     assert "anonymous memory only" in out and "after malloc_trim(0)" in out
+    from trainer.host import heap_in_use_mb
+
+    if heap_in_use_mb() is not None:  # glibc >= 2.33
+        assert 0 < mem["heap_first_mb"] < mem["first_mb"] and mem["heap_slope_mb_per_1k_steps"] is not None
+        assert "C heap in use" in out
     shares = r["breakdown_ms"]
     assert r["embedding_share"] == pytest.approx(
         (shares["input_a2a"] + shares["emb_fwd"] + shares["emb_bwd"]) / r["breakdown_step_ms"], abs=2e-3)
@@ -144,6 +149,11 @@ def test_rss_slope_is_the_least_squares_slope_of_the_second_half():
     assert five["slope_mb_per_1k_steps"] == pytest.approx(2.0)
     assert five["anon_slope_mb_per_1k_steps"] == pytest.approx(10.0)
     assert five["workers_anon_slope_mb_per_1k_steps"] == pytest.approx(0.0)
+    assert five["heap_slope_mb_per_1k_steps"] is None and five["heap_first_mb"] is None
+    # with the C heap in use: its own slope; a sample without it (None) is left out of that series
+    six = rss_report([(x, m, 50.0, 400.0, 40.0, 300.0 + x / 200 if x != 600 else None) for x, m in samples])
+    assert six["heap_slope_mb_per_1k_steps"] == pytest.approx(5.0)
+    assert six["heap_first_mb"] == pytest.approx(300.5) and six["heap_last_mb"] == pytest.approx(302.5)
     assert flat["first_mb"] == 500.0 and flat["last_mb"] == 1000.6 and flat["every_steps"] == 100
 
 

@@ -8,7 +8,7 @@ import resource
 import numpy as np
 import pytest
 
-from trainer.host import keep_freed_memory, release_freed_memory
+from trainer.host import heap_in_use_mb, keep_freed_memory, release_freed_memory
 
 
 def _minor_faults() -> int:
@@ -72,3 +72,14 @@ def test_the_trainer_releases_freed_memory_every_n_steps(monkeypatch, keep, ever
                                                                         release_freed_memory_every=every)))
     fired = [step for step in range(1, 11) if train.Trainer.release_memory_if_due(trainer, step)]
     assert fired == due and len(calls) == len(due)
+
+
+def test_heap_in_use_counts_live_blocks_not_kept_free_ones():
+    if heap_in_use_mb() is None:
+        pytest.skip("the C library has no mallinfo2 (not glibc >= 2.33)")
+    keep_freed_memory()
+    before = heap_in_use_mb()
+    held = [np.ones(8 << 20, dtype=np.uint8) for _ in range(8)]  # 64 MiB in use
+    assert heap_in_use_mb() - before == pytest.approx(64, abs=4)
+    del held  # freed: kept resident by the allocator, no longer in use
+    assert heap_in_use_mb() - before == pytest.approx(0, abs=4)
