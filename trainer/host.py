@@ -30,20 +30,23 @@ TOP_PAD = 64 << 20
 _applied = False
 
 
+def _libc(function: str):
+    """The C library's `function` (ctypes), or None where there is none by that name."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), function, None) if name else None
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Tune glibc malloc as the module docstring says (once per process; DataLoader workers
     forked later inherit it). False where the C library is not glibc (macOS, musl)."""
     global _applied
     if _applied:
         return True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
-    mallopt = getattr(libc, "mallopt", None)
-    gnu = getattr(libc, "gnu_get_libc_version", None)
-    if mallopt is None or gnu is None:
+    mallopt = _libc("mallopt")
+    if mallopt is None or _libc("gnu_get_libc_version") is None:
         log.debug("train.keep_freed_memory: not glibc; the allocator is left as it is")
         return False
     ok = all(mallopt(param, value) == 1 for param, value in
@@ -55,11 +58,7 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Hand the heap's free pages back to the OS now (glibc `malloc_trim(0)`): what a process
     then keeps resident is what it uses. False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        trim = None
+    trim = _libc("malloc_trim")
     if trim is None:
         return False
     trim(0)
@@ -75,11 +74,7 @@ def heap_in_use_mb() -> float | None:
     """MiB the C allocator has handed out and not had back (glibc `mallinfo2`: heap blocks in
     use in every arena plus mmapped blocks): what a leak of tensors or buffers grows, whatever
     free memory the allocator keeps. None where the C library has no mallinfo2 (glibc < 2.33)."""
-    name = ctypes.util.find_library("c")
-    try:
-        info = getattr(ctypes.CDLL(name), "mallinfo2", None) if name else None
-    except OSError:
-        info = None
+    info = _libc("mallinfo2")
     if info is None:
         return None
     info.restype = _MallInfo2
