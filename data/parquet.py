@@ -990,7 +990,7 @@ class ParquetStream(IterableDataset):
         if pending_rows:
             yield emit(pending)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | list]:
         info = get_worker_info()
         if info is not None and self.cursor_channel is not None:
             # Now, not when the first batch is asked for: the DataLoader makes a worker's iterator
@@ -999,7 +999,7 @@ class ParquetStream(IterableDataset):
             self.load_state_dict(self.cursor_channel[info.id].get())
         return self._worker_batches(info)
 
-    def _worker_batches(self, info) -> Iterator[Batch]:
+    def _worker_batches(self, info) -> Iterator[Batch | list]:
         worker = 0 if info is None else info.id
         if info is not None and info.num_workers != self.slots_per_rank:
             raise DataError(f"DataLoader has {info.num_workers} workers but the stream was built for "
@@ -1009,9 +1009,23 @@ class ParquetStream(IterableDataset):
         ring = self.transport if info is not None else None
         if ring is None:
             yield from batches
-        else:
+            return
+        # ring.batches_per_item batches to a DataLoader item (data/transport.py says why; the
+        # loader's iterator hands them out one by one); the batches made before an error still
+        # arrive, in order, before it
+        item: list = []
+        try:
             for batch in batches:
-                yield ring.put(worker, batch)
+                item.append(ring.put(worker, batch))
+                if len(item) == ring.batches_per_item:
+                    yield item
+                    item = []
+        except Exception:
+            if item:
+                yield item
+            raise
+        if item:
+            yield item
 
 
 class _Window:

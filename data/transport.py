@@ -5,18 +5,24 @@ pickles the batch (0.75 MiB on the bench config) into the pipe 64 KiB at a time 
 process reads it back and copies it out of the pickle: 0.75-0.87 ms of the main process's CPU
 and 1.3-1.4 ms of wall time per batch (DataLoader overhead included), about what building the
 batch costs. A worker that writes the bytes into a slot of memory both processes map, and sends
-only the slot's number through the pipe, costs each side one copy: 0.27-0.30 ms of the main
-process's CPU, 0.3-0.4 ms of wall time.
+only the slot's number through the pipe, costs the main process 0.27-0.30 ms; one whose batches
+the main process uses in place (`views`), and that sends them `batches_per_item` to a
+DataLoader item (the DataLoader's own cost, about 0.1 ms of the main process's CPU per item
+whatever it carries, is paid once for them), 0.12-0.15 ms. On a machine with as many CPUs as
+workers that is the difference between two workers delivering 0.75-0.79x one per worker and
+0.95-0.99x (README, Benchmarks).
 
 How. A `BatchRing` is made in the main process just before the DataLoader forks its workers
-(one per DataLoader iterator, see trainer/loader.py), so every worker inherits the mapping. Each
-worker owns `slots` slots and fills them in turn; a semaphore per worker counts its free slots.
-The main process copies a batch out of its slot while unpickling the slot's handle and frees
-the slot at once. A worker's handles reach the main process in the order it sent them, so its
-slots free up in the order they were filled. A worker that finds no free slot, or a batch larger
-than a slot (long id lists, passthrough columns), sends that batch inline as before: the ring
-never blocks a worker. Under the spawn or forkserver start methods the mapping is not inherited
-(the ring pickles as None) and every batch goes inline.
+(one per DataLoader iterator, or one for the life of persistent workers; trainer/loader.py), so
+every worker inherits the mapping. Each worker owns `slots` slots; a semaphore per worker
+counts its free ones and a shared flag per slot says whether it is in use. A worker that takes
+a slot sets its flag; the main process clears it and releases the semaphore once the batch is
+out of the slot: at once when it copies the batch out, or, with `views`, when the last of the
+batch's tensors (views of the slot) is gone, which need not be in the order the slots were
+filled. A worker that finds no free slot, or a batch larger than a slot (long id lists,
+passthrough columns), sends that batch inline as before: the ring never blocks a worker. Under
+the spawn or forkserver start methods the mapping is not inherited (the ring pickles as None)
+and every batch goes inline.
 """
 
 from __future__ import annotations
@@ -44,25 +50,34 @@ def _aligned(n: int) -> int:
 class BatchRing:
     """`slots` shared slots of `slot_bytes` for each of `num_workers` DataLoader workers."""
 
-    def __init__(self, num_workers: int, slots: int, slot_bytes: int) -> None:
+    def __init__(self, num_workers: int, slots: int, slot_bytes: int, views: bool = False,
+                 batches_per_item: int = 1) -> None:
         self.num_workers, self.slots, self.slot_bytes = num_workers, slots, _aligned(slot_bytes)
+        self.views, self.batches_per_item = views, batches_per_item
         self.token = (os.getpid(), next(_serial))
-        self._memory = mmap.mmap(-1, max(1, num_workers * slots * self.slot_bytes))  # anonymous, shared
-        self._bytes = np.frombuffer(self._memory, dtype=np.uint8)
+        flags = _aligned(num_workers * slots)
+        self._memory = mmap.mmap(-1, flags + max(1, num_workers * slots * self.slot_bytes))  # anonymous, shared
+        self._in_use = np.frombuffer(self._memory, dtype=np.uint8, count=num_workers * slots)
+        self._bytes = np.frombuffer(self._memory, dtype=np.uint8, offset=flags)
         ctx = multiprocessing.get_context("fork")
         self._free = [ctx.Semaphore(slots) for _ in range(num_workers)]
-        self._next = [0] * num_workers  # worker side: the slot each worker fills next
+        self._next = [0] * num_workers  # worker side: where each worker looks for a free slot first
         _RINGS[self.token] = self
 
     @classmethod
     def for_batches(cls, num_workers: int, prefetch_factor: int, batch_size: int, num_dense: int, num_labels: int,
-                    num_features: int, weighted: bool) -> "BatchRing":
-        """A ring whose slots hold a batch of one id per feature, `prefetch_factor` + 1 slots a
-        worker: the DataLoader hands out tasks to its workers in turn, so while all of them
-        read, each has at most `prefetch_factor` batches on their way. (At the end of an epoch,
-        a worker that outlives the others may be given more; those batches go inline.)"""
+                    num_features: int, weighted: bool, views: bool = False) -> "BatchRing":
+        """A ring whose slots hold a batch of one id per feature. Batches of up to 1 MiB travel
+        four to a DataLoader item (larger ones alone: the item's cost is small next to
+        theirs). A worker has at most `prefetch_factor` items on their way and builds the next,
+        and with `views` the main process still holds the item it is consuming: slots for
+        (prefetch_factor + 2) items, (prefetch_factor + 1) without views. (At the end of an
+        epoch, a worker that outlives the others may be given more; those batches go inline.)"""
         per_row = 4 * (num_dense + num_labels + 1) + num_features * (8 + 4 + (4 if weighted else 0))
-        return cls(num_workers, prefetch_factor + 1, batch_size * per_row + 16 * _ALIGN)
+        slot_bytes = batch_size * per_row + 16 * _ALIGN
+        per_item = 4 if slot_bytes <= 1 << 20 else 1
+        items = prefetch_factor + (2 if views else 1)
+        return cls(num_workers, items * per_item, slot_bytes, views=views, batches_per_item=per_item)
 
     def __reduce__(self):
         return _not_inherited, ()
@@ -82,25 +97,52 @@ class BatchRing:
             at += _aligned(n)
         if at > self.slot_bytes or not self._free[worker].acquire(block=False):
             return batch
-        slot = self._next[worker]
-        self._next[worker] = (slot + 1) % self.slots
+        slot = self._take_free_slot(worker)
         base = (worker * self.slots + slot) * self.slot_bytes
         for t, (_, _, offset, n) in zip(tensors, layout):
             if n:
                 self._bytes[base + offset:base + offset + n] = t.reshape(-1).view(torch.uint8).numpy()
         return _InSlot(self.token, worker, slot, layout, skeleton)
 
+    def _take_free_slot(self, worker: int) -> int:
+        """In the worker, holding one count of its semaphore: a slot of its not in use, marked
+        in use. The count guarantees one; the first free one from where the last was found."""
+        first = worker * self.slots
+        for k in range(self.slots):
+            slot = (self._next[worker] + k) % self.slots
+            if not self._in_use[first + slot]:
+                self._in_use[first + slot] = 1
+                self._next[worker] = (slot + 1) % self.slots
+                return slot
+        raise RuntimeError(f"batch ring {self.token}: worker {worker} holds a free count but no free slot")
+
     def take(self, worker: int, slot: int, layout: list, skeleton) -> Batch:
-        """In the main process: the batch out of the slot (copied), and the slot freed."""
+        """In the main process: the batch out of the slot. Copied, the slot freed now; with
+        `views`, its tensors are views of the slot, which is freed when the last one is gone."""
         base = (worker * self.slots + slot) * self.slot_bytes
         tensors = []
+        if self.views:
+            # One tensor over the slot, and every batch tensor a view of it: they share its
+            # storage, which alone holds `region`, so `region` goes (and the slot with it) when
+            # the last of them does. (numpy slices of `region` would not hold it: their base is
+            # the mapping's array.)
+            region = self._bytes[base:base + self.slot_bytes]
+            weakref.finalize(region, self._release, worker, slot).atexit = False
+            whole = torch.from_numpy(region)
+            for dtype, shape, offset, n in layout:
+                tensors.append(whole[offset:offset + n].view(dtype).reshape(shape))
+            return rebuild_batch(tensors, skeleton)
         for dtype, shape, offset, n in layout:
             raw = torch.empty(n, dtype=torch.uint8)
             if n:
                 raw.numpy()[:] = self._bytes[base + offset:base + offset + n]
             tensors.append(raw.view(dtype).reshape(shape))
-        self._free[worker].release()
+        self._release(worker, slot)
         return rebuild_batch(tensors, skeleton)
+
+    def _release(self, worker: int, slot: int) -> None:
+        self._in_use[worker * self.slots + slot] = 0  # before the count: the worker reads it after
+        self._free[worker].release()
 
 
 class _InSlot:

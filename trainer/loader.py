@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import gc
 import multiprocessing
 from typing import Iterator
@@ -20,11 +21,17 @@ class _Loader(DataLoader):
     ring made before the workers fork and kept alive with them while their batches can arrive
     (a fresh one for each iteration, or one for the loader's life with persistent workers).
 
+    Iterating gives one Batch at a time (`_OneBatchAtATime`), though a worker may send several
+    to a DataLoader item.
+
     Persistent workers (`make_loader(..., persistent=True)`) fork once and read every
     iteration's cursor from the main process (ParquetStream.cursor_channel). A fork per epoch
     costs more than the workers' start (80-110 ms on the bench): after it, every page the rank
     writes (tables, optimizer state, activations) is copied once, which on a 64-step epoch was
-    24,000 page faults a second per rank and 20-25 ms of its embedding backward per step."""
+    24,000 page faults a second per rank and 20-25 ms of its embedding backward per step.
+    Their batches are views of the ring's slots (`BatchRing(views=True)`): training lets each
+    go after its step. Per-iteration loaders (evaluation, whose metrics may keep a batch's
+    tensors) copy each batch out of its slot instead, so no slot stays held."""
 
     def __iter__(self):
         stream = self.dataset
@@ -33,14 +40,14 @@ class _Loader(DataLoader):
         if self.persistent_workers and self._iterator is not None:
             for channel in self._cursor_channel:
                 channel.put(stream.state_dict())
-            return super().__iter__()  # the same workers, reset to this iteration
+            return _OneBatchAtATime(super().__iter__(), self.num_workers)  # the same workers, reset
         ring = None
         fork = self.num_workers and _start_method(self) == "fork"
         if fork:  # the slots (and the cursor channel) are inherited memory
             schema = stream.schema
             ring = BatchRing.for_batches(self.num_workers, self.prefetch_factor, stream.batch_size,
                                          schema.num_dense, len(schema.label_columns), len(schema.features),
-                                         schema.weighted)
+                                         schema.weighted, views=self.persistent_workers)
         stream.transport = ring
         stream.cursor_channel = None  # read by the workers forked now, whichever loader they serve
         if self.persistent_workers:  # (fork only: make_loader)
@@ -59,7 +66,73 @@ class _Loader(DataLoader):
         finally:
             gc.unfreeze()
         iterator._batch_ring = ring
-        return iterator
+        return _OneBatchAtATime(iterator, self.num_workers)
+
+
+class _OneBatchAtATime:
+    """A DataLoader iterator's items one batch at a time, in the order one batch per item would
+    have given. With a ring (data/transport.py) every item is a list of one worker's next
+    batches; the DataLoader hands out items from its workers in turn, so a turn's items (one per
+    worker still reading, told apart by their reader slot) are interleaved: the first of each,
+    then the second of each, ... That order is the one the stream's cursor resumes in
+    (ParquetStream.rotation). Other items (no ring: no workers, spawn) are batches, passed on
+    as they come. The iterator's own attributes (`_shutdown_workers`, `_workers`, ...) read
+    through."""
+
+    def __init__(self, items, num_workers: int) -> None:
+        self._items = items
+        self._num_workers = max(1, num_workers)
+        self._pending: collections.deque = collections.deque()
+        self._ahead = None  # an item read past the end of a turn
+        self._error: BaseException | None = None  # raised once the turn before it is out
+
+    def __iter__(self) -> "_OneBatchAtATime":
+        return self
+
+    def __next__(self) -> Batch:
+        if not self._pending:
+            self._next_turn()
+        return self._pending.popleft()
+
+    def _next_turn(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        turn: list[list[Batch]] = []
+        slots: set[int] = set()
+        while len(turn) < self._num_workers:
+            item, self._ahead = self._ahead, None
+            if item is None:
+                try:
+                    item = next(self._items)
+                except StopIteration:
+                    break
+                except Exception as e:  # a worker's error: after the batches read before it
+                    if not turn:
+                        raise
+                    self._error = e
+                    break
+            if not isinstance(item, list):
+                if turn:
+                    self._ahead = item
+                    break
+                self._pending.append(item)
+                return
+            if item and item[0].slot in slots:  # a worker's second item: the others are done
+                self._ahead = item
+                break
+            if item:
+                slots.add(item[0].slot)
+                turn.append(item)
+        if not turn:
+            raise StopIteration
+        for k in range(max(len(batches) for batches in turn)):
+            self._pending.extend(batches[k] for batches in turn if k < len(batches))
+
+    def __getattr__(self, name: str):
+        if name in ("_items", "_pending", "_ahead", "_error", "_num_workers"):  # not set yet
+            raise AttributeError(name)
+        return getattr(self._items, name)
 
 
 def _start_method(loader: DataLoader) -> str:

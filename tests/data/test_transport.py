@@ -22,7 +22,7 @@ from data.parquet import ParquetStream
 from data.schema import DataError, FeatureSpec, Schema
 from data.transport import BatchRing, _InSlot
 from tests.data.test_columnar import assert_same_batch
-from trainer.loader import make_loader
+from trainer.loader import close_loader, make_loader
 
 SCHEMA = Schema(label_columns=("label",), dense_columns=("d0", "d1"),
                 features=(FeatureSpec("s", 100), FeatureSpec("t", 7)), dense_transform="log1p")
@@ -80,12 +80,12 @@ def test_workers_deliver_through_the_ring_what_they_build(dataset, monkeypatch):
         b.dense += 1  # writable, and nobody else's memory
     assert sum(b.batch_size for b in got) == 240
     # nearly every batch came through a slot (a worker that outlives the other at the end of the
-    # epoch may send its last ones inline), and each worker filled its slots in turn: prefetch
-    # 2 + 1 = 3 slots
+    # epoch may send its last ones inline), and each worker filled its slots in turn (copied out
+    # at once, they free in the order they were filled): (prefetch 2 + 1) items of 4 batches
     assert len(taken) >= 12 and {w for w, _ in taken} == {0, 1}
     for w in (0, 1):
         mine = [s for v, s in taken if v == w]
-        assert mine == [i % 3 for i in range(len(mine))]
+        assert mine == [i % 12 for i in range(len(mine))]
 
 
 def test_a_batch_round_trips_through_a_slot_and_frees_it(dataset):
@@ -132,8 +132,12 @@ def test_slot_size_for_a_full_batch():
                   sparse=_kjt(26, 64, weighted=True))
     ring = BatchRing.for_batches(1, prefetch_factor=2, batch_size=64, num_dense=13, num_labels=2, num_features=26,
                                  weighted=True)
-    assert ring.slots == 3
+    assert ring.slots == 12 and ring.batches_per_item == 4 and not ring.views  # 3 items of 4 batches
     assert isinstance(ring.put(0, batch), _InSlot)
+    # lent as views, the main process holds one more item; batches over 1 MiB travel alone
+    assert BatchRing.for_batches(1, 2, 64, 13, 2, 26, True, views=True).slots == 16
+    big = BatchRing.for_batches(1, 2, 1 << 16, 13, 2, 26, True)
+    assert big.batches_per_item == 1 and big.slots == 3
 
 
 def _kjt(features: int, rows: int, weighted: bool):
@@ -230,3 +234,132 @@ def test_mapped_pages_leave_resident_memory_once_decoded(tmp_path):
     grown = (_rss_file_kib() - before) << 10
     assert rows == 4 << 19 and len(stream._mapped) == 4
     assert grown < size // 4, f"{grown >> 20} MiB of the files stayed mapped"
+
+
+# ------------------------------------------------------------------ batches lent as views
+
+
+def test_a_lent_batch_is_a_view_of_its_slot_freed_when_it_is_gone(dataset):
+    import gc
+
+    ring = BatchRing(num_workers=1, slots=2, slot_bytes=1 << 16, views=True)
+    batch = next(iter(_stream(dataset)))
+    back = pickle.loads(ForkingPickler.dumps(ring.put(0, batch)))
+    assert_same_batch(back, batch)
+    assert _free(ring) == 1  # held while the batch lives
+    ring._bytes[:] = 0  # no copy: the slot's bytes are the batch's
+    assert not back.sparse.values().any() and not back.dense.any()
+    values = back.sparse.values()  # one tensor kept is the whole slot kept
+    del back
+    gc.collect()
+    assert _free(ring) == 1
+    del values
+    gc.collect()
+    assert _free(ring) == 2
+
+
+def test_lent_slots_freed_out_of_order_are_reused_without_touching_held_ones(dataset):
+    import gc
+
+    ring = BatchRing(num_workers=1, slots=3, slot_bytes=1 << 16, views=True)
+    batches = list(_stream(dataset))[:4]
+    held = [pickle.loads(ForkingPickler.dumps(ring.put(0, b))) for b in batches[:3]]
+    assert ring.put(0, batches[3]) is batches[3]  # every slot lent: inline
+    del held[1]  # the middle one goes first
+    gc.collect()
+    sent = ring.put(0, batches[3])
+    assert isinstance(sent, _InSlot) and sent.slot == 1  # the free one, not the next in turn
+    fourth = pickle.loads(ForkingPickler.dumps(sent))
+    for got, want in zip([held[0], fourth, held[1]], [batches[0], batches[3], batches[2]]):
+        assert_same_batch(got, want)
+
+
+def test_persistent_workers_lend_batches_and_held_ones_stay_intact(dataset, monkeypatch):
+    """A consumer that keeps every batch (here two whole epochs) holds every lent slot: the
+    workers then send inline, and no held batch is ever overwritten."""
+    taken = []
+    take = BatchRing.take
+
+    def counting_take(self, *args):
+        taken.append(self.views)
+        return take(self, *args)
+
+    monkeypatch.setattr(BatchRing, "take", counting_take)
+    reference = {}
+    for epoch in (0, 1):
+        for slot in (0, 1):
+            s = _stream(dataset, num_workers=2)
+            s.set_epoch(epoch)
+            for b in s._slot_batches(slot):
+                reference[(epoch, b.slot, b.position)] = b
+    stream = _stream(dataset, num_workers=2)
+    # (prefetch 1 + 2) items of 4 batches: 12 slots a worker, 24 for the epochs' 32 batches
+    loader = make_loader(stream, torch.device("cpu"), prefetch_factor=1, persistent=True)
+    try:
+        kept = []
+        for epoch in (0, 1):
+            stream.set_epoch(epoch)
+            kept += [(epoch, b) for b in loader]
+        assert len(kept) == 32
+        for epoch, b in kept:
+            assert_same_batch(b, reference[(epoch, b.slot, b.position)])
+        assert taken and all(taken)  # lent, not copied
+        assert len(taken) < 32  # the ring ran out while everything was kept: the rest came inline
+    finally:
+        close_loader(loader)
+
+
+def test_a_worker_sends_batches_several_to_an_item_and_those_before_an_error_first(dataset):
+    from types import SimpleNamespace
+
+    stream = _stream(dataset, num_workers=1)
+    batches = list(_stream(dataset)._slot_batches(0))[:6]
+
+    def five_then_fail(slot):
+        yield from batches[:5]
+        raise DataError("part-1.parquet: column 's': bad")
+
+    stream._slot_batches = five_then_fail
+    stream.transport = BatchRing(num_workers=1, slots=8, slot_bytes=1 << 16, batches_per_item=4)
+    items = stream._worker_batches(SimpleNamespace(id=0, num_workers=1))
+    assert [len(next(items)), len(next(items))] == [4, 1]
+    with pytest.raises(DataError, match="column 's'"):
+        next(items)
+
+
+def test_the_loader_interleaves_each_turn_of_items_as_one_batch_an_item_would():
+    from types import SimpleNamespace
+
+    from trainer.loader import _OneBatchAtATime
+
+    def b(slot, k):
+        return SimpleNamespace(slot=slot, name=f"{slot}{k}")
+
+    class Items:
+        _workers = ["w0", "w1"]
+
+        def __init__(self, items):
+            self.it = iter(items)
+
+        def __next__(self):
+            got = next(self.it)
+            if isinstance(got, Exception):
+                raise got
+            return got
+
+    # two workers in turn, four batches an item; slot 1 runs out first (a shorter last item)
+    items = [[b(0, 0), b(0, 1), b(0, 2), b(0, 3)], [b(1, 0), b(1, 1), b(1, 2), b(1, 3)],
+             [b(0, 4), b(0, 5), b(0, 6)], [b(1, 4)], [b(0, 7)]]
+    batches = _OneBatchAtATime(Items(items), 2)
+    assert [x.name for x in batches] == ["00", "10", "01", "11", "02", "12", "03", "13",
+                                         "04", "14", "05", "06", "07"]
+    assert batches._workers == ["w0", "w1"]  # the DataLoader iterator's attributes read through
+    # a worker's error arrives after the turn read before it
+    failing = _OneBatchAtATime(Items([[b(0, 0), b(0, 1)], [b(1, 0)], DataError("bad row group")]), 2)
+    assert [next(failing).name for _ in range(3)] == ["00", "10", "01"]
+    failing = _OneBatchAtATime(Items([[b(0, 0)], DataError("bad row group")]), 2)
+    assert next(failing).name == "00"
+    with pytest.raises(DataError, match="bad row group"):
+        next(failing)
+    # without a ring, items are batches: passed on as they come
+    assert [x.name for x in _OneBatchAtATime(Items([b(1, 0), b(0, 0), b(0, 1)]), 2)] == ["10", "00", "01"]
