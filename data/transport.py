@@ -8,9 +8,9 @@ batch costs. A worker that writes the bytes into a slot of memory both processes
 only the slot's number through the pipe, costs the main process 0.27-0.30 ms; one whose batches
 the main process uses in place (`views`), and that sends them `batches_per_item` to a
 DataLoader item (the DataLoader's own cost, about 0.1 ms of the main process's CPU per item
-whatever it carries, is paid once for them), 0.12-0.15 ms. On a machine with as many CPUs as
+whatever it carries, is paid once for them), 0.16-0.23 ms. On a machine with as many CPUs as
 workers that is the difference between two workers delivering 0.75-0.79x one per worker and
-0.95-0.99x (README, Benchmarks).
+0.93-0.99x (README, Benchmarks).
 
 How. A `BatchRing` is made in the main process just before the DataLoader forks its workers
 (one per DataLoader iterator, or one for the life of persistent workers; trainer/loader.py), so
