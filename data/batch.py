@@ -104,7 +104,7 @@ class Batch(Pipelineable):
         return replace(
             self,
             dense=self.dense.pin_memory(),
-            sparse=self.sparse.pin(),
+            sparse=self.sparse.pin_memory(),
             labels=self.labels.pin_memory(),
             weights=self.weights.pin_memory(),
             extras={k: (v.pin_memory(), n.pin_memory()) for k, (v, n) in self.extras.items()},

@@ -75,8 +75,11 @@ class _OneBatchAtATime:
     batches; the DataLoader hands out items from its workers in turn, so a turn's items (one per
     worker still reading, told apart by their reader slot) are interleaved: the first of each,
     then the second of each, ... That order is the one the stream's cursor resumes in
-    (ParquetStream.rotation). Other items (no ring: no workers, spawn) are batches, passed on
-    as they come. The iterator's own attributes (`_shutdown_workers`, `_workers`, ...) read
+    (ParquetStream.rotation). One exception: a worker's error is raised after the whole turn it
+    ends (one batch per item would raise it at the failing batch's place in the turn), so up to
+    4 x workers - 1 batches the other workers had already sent still come before it; the cursor
+    counts every batch handed out, so a run stopped by the error resumes exactly. Other items
+    (no ring: no workers, spawn) are batches, passed on as they come. The iterator's own attributes (`_shutdown_workers`, `_workers`, ...) read
     through."""
 
     def __init__(self, items, num_workers: int) -> None:

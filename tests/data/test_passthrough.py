@@ -137,3 +137,27 @@ def test_a_present_feature_is_still_required(tmp_path):
     path = _write(tmp_path / "a.parquet", _table().drop_columns(["m"]))
     with pytest.raises(DataError, match=r"column 'm' \(from data.sparse_columns\) is missing"):
         ParquetStream(path, SCHEMA, batch_size=4)
+
+
+def test_pinning_a_batch_pins_every_tensor_and_keeps_the_rest(monkeypatch):
+    """Batch.pin_memory, as the DataLoader's pin thread calls it on CUDA runs (on each batch of
+    a worker's item, a list): run here with Tensor.pin_memory standing in as a marked copy."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned_ids = set()
+
+    def fake_pin(t, *args, **kwargs):
+        out = t.clone()
+        pinned_ids.add(id(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = table_to_batch(_table(), SCHEMA, "f.parquet")
+    batch.slot, batch.position = 3, 17
+    [pinned] = pin_memory([batch])
+    assert isinstance(pinned, type(batch)) and (pinned.slot, pinned.position) == (3, 17)
+    tensors = [pinned.dense, pinned.labels, pinned.weights, pinned.sparse.values(), pinned.sparse.lengths(),
+               *(t for pair in pinned.extras.values() for t in pair)]
+    assert all(id(t) in pinned_ids for t in tensors)
+    assert torch.equal(pinned.sparse.values(), batch.sparse.values()) and pinned.sparse.keys() == batch.sparse.keys()
+    assert torch.equal(pinned.dense, batch.dense) and sorted(pinned.extras) == sorted(batch.extras)
