@@ -39,6 +39,8 @@ import torch
 from data.batch import Batch, batch_tensors, rebuild_batch
 
 _ALIGN = 64  # every tensor starts on a cache line (and on its element size)
+BATCHES_PER_ITEM = 4  # batches a worker sends to a DataLoader item...
+_SMALL_BATCH_BYTES = 1 << 20  # ...when a batch takes no more than this; larger ones go one to an item
 _RINGS: "weakref.WeakValueDictionary[tuple[int, int], BatchRing]" = weakref.WeakValueDictionary()
 _serial = itertools.count()
 
@@ -75,7 +77,7 @@ class BatchRing:
         epoch, a worker that outlives the others may be given more; those batches go inline.)"""
         per_row = 4 * (num_dense + num_labels + 1) + num_features * (8 + 4 + (4 if weighted else 0))
         slot_bytes = batch_size * per_row + 16 * _ALIGN
-        per_item = 4 if slot_bytes <= 1 << 20 else 1
+        per_item = BATCHES_PER_ITEM if slot_bytes <= _SMALL_BATCH_BYTES else 1
         items = prefetch_factor + (2 if views else 1)
         return cls(num_workers, items * per_item, slot_bytes, views=views, batches_per_item=per_item)
 

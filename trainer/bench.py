@@ -628,12 +628,12 @@ def usable_cpus() -> int:
 
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds process `pid` has used (Linux /proc); None where unreadable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    from trainer.commands.launch import proc_stat_fields
+
+    fields = proc_stat_fields(pid)
+    if fields is None:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _cpu_accounting(batches: int, rows: int, main_cpu_s: float, worker_cpu_s: list[float] | None) -> dict:

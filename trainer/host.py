@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,19 @@ TOP_PAD = 64 << 20
 _applied = False
 
 
-def _libc(function: str):
-    """The C library's `function` (ctypes), or None where there is none by that name."""
+@functools.cache
+def _c_library() -> ctypes.CDLL | None:
+    """The C library, loaded once (find_library asks ldconfig every time it is called)."""
     name = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), function, None) if name else None
+        return ctypes.CDLL(name) if name else None
     except OSError:
         return None
+
+
+def _libc(function: str):
+    """The C library's `function` (ctypes), or None where there is none by that name."""
+    return getattr(_c_library(), function, None)
 
 
 def keep_freed_memory() -> bool:

@@ -77,10 +77,11 @@ class _OneBatchAtATime:
     then the second of each, ... That order is the one the stream's cursor resumes in
     (ParquetStream.rotation). One exception: a worker's error is raised after the whole turn it
     ends (one batch per item would raise it at the failing batch's place in the turn), so up to
-    4 x workers - 1 batches the other workers had already sent still come before it; the cursor
-    counts every batch handed out, so a run stopped by the error resumes exactly. Other items
-    (no ring: no workers, spawn) are batches, passed on as they come. The iterator's own attributes (`_shutdown_workers`, `_workers`, ...) read
-    through."""
+    BATCHES_PER_ITEM x workers - 1 batches the other workers had already sent still come before
+    it; the cursor counts every batch handed out, so a run stopped by the error resumes
+    exactly. Other items (no ring: no workers, spawn) are batches, passed on as they come. The
+    iterator's own attributes (`_shutdown_workers`, `_workers`, ...) read through. (A worker
+    never sends an empty list.)"""
 
     def __init__(self, items, num_workers: int) -> None:
         self._items = items
@@ -121,12 +122,11 @@ class _OneBatchAtATime:
                     break
                 self._pending.append(item)
                 return
-            if item and item[0].slot in slots:  # a worker's second item: the others are done
+            if item[0].slot in slots:  # a worker's second item: the others are done
                 self._ahead = item
                 break
-            if item:
-                slots.add(item[0].slot)
-                turn.append(item)
+            slots.add(item[0].slot)
+            turn.append(item)
         if not turn:
             raise StopIteration
         for k in range(max(len(batches) for batches in turn)):

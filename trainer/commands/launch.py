@@ -245,19 +245,22 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def proc_stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, ...: field 3 of
+    proc(5) is [0]), or None where the process is gone or there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name in parentheses may contain spaces; the fields after it are fixed.
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of `pid`, from every process's /proc/<pid>/stat."""
     out = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # The command name in parentheses may contain spaces; the fields after it are fixed.
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid:
+        if entry.isdigit() and (fields := proc_stat_fields(entry)) is not None and int(fields[1]) == pid:
             out.append(int(entry))
     return out
 
